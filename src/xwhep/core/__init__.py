@@ -1,0 +1,1 @@
+"""The pure core: model vocabulary, state graph, rights, matching, expressions, URIs. No I/O here."""

@@ -1,0 +1,52 @@
+"""``xw://host[:port]/uid`` URIs, accepted wherever a uid is."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+_URI = re.compile(r"^xw://(?P<host>[A-Za-z0-9.\-_\[\]:]+)/(?P<uid>[^/?#]+)/?$")
+
+
+class BadUri(ValueError):
+    """Neither a UUID nor an ``xw://host/uid`` URI."""
+
+
+def is_uid(text: str) -> bool:
+    """True for a canonical UUID string."""
+    try:
+        return str(uuid.UUID(text)) == text.lower()
+    except (ValueError, AttributeError, TypeError):
+        return False
+
+
+def new_uid() -> str:
+    """A fresh random uid."""
+    return str(uuid.uuid4())
+
+
+def to_uid(ref: str) -> str:
+    """The uid named by ``ref``: a bare UUID or an ``xw://`` URI. Raises :class:`BadUri`."""
+    text = ref.strip()
+    if text.startswith("xw://"):
+        m = _URI.match(text)
+        if not m or not is_uid(m.group("uid").lower()):
+            raise BadUri(f"malformed URI {ref!r}: expected xw://host/<uuid>")
+        return m.group("uid").lower()
+    if is_uid(text.lower()):
+        return text.lower()
+    raise BadUri(f"malformed uid or URI {ref!r}: expected a UUID or xw://host/<uuid>")
+
+
+def looks_like_ref(text: str) -> bool:
+    """True when ``text`` is a uid or an xw:// URI (used to auto-type bare CLI arguments)."""
+    try:
+        to_uid(text)
+        return True
+    except BadUri:
+        return False
+
+
+def make_uri(server_host: str, uid: str) -> str:
+    """The URI of ``uid`` on the server reachable as ``server_host`` (``host`` or ``host:port``)."""
+    return f"xw://{server_host}/{uid}"
