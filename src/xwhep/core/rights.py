@@ -57,7 +57,8 @@ def parse_rights(text: str, current: int = PRIVATE) -> int:
         _check_nibbles(value, text)
         return value
     if t.isdigit():
-        digits = t.lstrip("0") if len(t) > 3 else t  # '0755' → '755', '0700' → '700'
+        # '0755' → '755', '0700' → '700'; '0000' must stay a number, not become ''
+        digits = (t.lstrip("0") or "0") if len(t) > 3 else t
         if len(digits) > 4 or any(c not in "01234567" for c in digits):
             raise BadRights(f"bad access rights {text!r}: digits must be 0-7, like 755 or 1755")
         value = int(digits, 16)
@@ -137,7 +138,9 @@ def can(actor: Actor, action: Action, obj: Owned) -> bool:
             return False
         if actor.level == UsageLevel.VWORKER_USER and obj.rights & STICKY:
             return True
-        return bool(obj.rights & 0x4) if action != Action.EXECUTE else bool(obj.rights & 0x1)
+        # a worker must download what it executes, so execute needs the read bit too (as matching asks)
+        readable = bool(obj.rights & 0x4)
+        return (readable and bool(obj.rights & 0x1)) if action == Action.EXECUTE else readable
     if actor.uid == obj.owner:
         if action == Action.EXECUTE:
             return bool((obj.rights >> 8) & 0x1)

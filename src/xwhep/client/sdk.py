@@ -1,0 +1,472 @@
+"""``xwhep.Client``: the typed Python SDK. The CLI and the worker are thin layers over it.
+
+Every method raises :class:`XwError` with the server's message (and the field it names) on a refusal, and on
+connection problems with a readable text; never a bare HTTP exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+import httpx
+
+from xwhep.client.config import ClientConfig, load
+from xwhep.core.uri import BadUri, to_uid
+
+Progress = Callable[[int], None]
+CHUNK = 1024 * 1024
+FINAL = frozenset({"COMPLETED", "ERROR", "FAILED"})
+
+
+class XwError(Exception):
+    """A refusal by the server or a failure to reach it; ``str()`` is one readable line."""
+
+    def __init__(self, message: str, status: int | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.field = field
+
+
+def uid_of(ref: str | dict[str, Any]) -> str:
+    """The uid of a uid, an ``xw://`` URI, or an object dict."""
+    if isinstance(ref, dict):
+        return str(ref["uid"])
+    try:
+        return to_uid(ref)
+    except BadUri as exc:
+        raise XwError(str(exc), field="uri") from None
+
+
+def sha256_file(path: Path, progress: Progress | None = None) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            n += len(chunk)
+            if progress:
+                progress(len(chunk))
+    return h.hexdigest(), n
+
+
+def zip_dir(src: Path, dest: Path) -> Path:
+    """Zip a directory (or a lone file) for ``--xwenv``/dirin; paths are relative to ``src``."""
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as z:
+        if src.is_file():
+            z.write(src, src.name)
+        else:
+            for p in sorted(src.rglob("*")):
+                if p.is_symlink():
+                    continue
+                z.write(p, p.relative_to(src).as_posix())
+    return dest
+
+
+class Client:
+    """A session with one xwhep server."""
+
+    def __init__(self, server: str, ca: str | None = None, login: str | None = None, password: str | None = None,
+                 token: str | None = None, timeout: float = 60.0, cert: str | None = None,
+                 key: str | None = None) -> None:
+        self.server = server.rstrip("/")
+        self.base = self.server + "/api/v1"
+        self.login_name = login
+        self._password = password
+        self._token = token
+        self._token_expiry = float("inf") if token else 0.0
+        self._lock = threading.Lock()
+        verify: Any = ca if ca else True
+        if self.server.startswith("http://"):
+            verify = False
+        cert_arg = (cert, key) if cert and key else None
+        self.http = httpx.Client(verify=verify, cert=cert_arg, timeout=httpx.Timeout(timeout, connect=15.0),
+                                 limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+        netloc = urlsplit(self.server).netloc
+        self.netloc = netloc
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None, **kw: Any) -> Client:
+        """Build from a client config file (see :mod:`xwhep.client.config`)."""
+        cfg: ClientConfig = load(path)
+        return cls(cfg.server, ca=cfg.ca, login=cfg.login, password=cfg.password, token=cfg.token, cert=cfg.cert,
+                   key=cfg.key, **kw)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def uri(self, uid: str) -> str:
+        return f"xw://{self.netloc}/{uid}"
+
+    # -- transport ---------------------------------------------------------------------------------------------
+    def login(self) -> str:
+        """Exchange login + password for a bearer token (done transparently when needed)."""
+        if not self.login_name or self._password is None:
+            raise XwError("no credentials: the client config needs login and password (or a token)")
+        r = self._send("POST", "/auth/login", json={"login": self.login_name, "password": self._password}, auth=False)
+        data = r.json()
+        self._token = data["token"]
+        self._token_expiry = time.monotonic() + float(data.get("expires_in", 3600)) * 0.8
+        return str(self._token)
+
+    def _auth_header(self) -> dict[str, str]:
+        with self._lock:
+            if self._token is None or time.monotonic() >= self._token_expiry:
+                if self.login_name and self._password is not None:
+                    self.login()
+            return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
+    def _send(self, method: str, path: str, auth: bool = True, **kw: Any) -> httpx.Response:
+        url = self.base + path
+        for attempt in (1, 2):
+            headers = dict(kw.pop("headers", None) or {})
+            if auth:
+                headers.update(self._auth_header())
+            try:
+                r = self.http.request(method, url, headers=headers, **kw)
+            except httpx.TimeoutException:
+                raise XwError(f"{self.server}: request timed out ({method} {path})") from None
+            except httpx.ConnectError as exc:
+                raise XwError(f"cannot reach server {self.server}: {_short(exc)}") from None
+            except httpx.HTTPError as exc:
+                raise XwError(f"{self.server}: {_short(exc)}") from None
+            if r.status_code == 401 and auth and attempt == 1 and self.login_name and self._password is not None:
+                self._token = None  # expired or server restarted with a new secret: log in again once
+                kw["headers"] = headers
+                continue
+            if r.status_code >= 400:
+                raise _error(r)
+            return r
+        raise XwError("authentication failed")
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        return self._send(method, path, **kw).json()
+
+    # -- misc ----------------------------------------------------------------------------------------------------
+    def version(self) -> dict[str, Any]:
+        return self._json("GET", "/version", auth=False)  # type: ignore[no-any-return]
+
+    def health(self) -> dict[str, Any]:
+        return self._json("GET", "/health", auth=False)  # type: ignore[no-any-return]
+
+    def me(self) -> dict[str, Any]:
+        return self._json("GET", "/me")  # type: ignore[no-any-return]
+
+    def get(self, ref: str) -> dict[str, Any]:
+        """Any object by uid or URI (its ``kind`` tells what it is)."""
+        return self._json("GET", f"/objects/{uid_of(ref)}")  # type: ignore[no-any-return]
+
+    def chmod(self, ref: str, rights: str) -> dict[str, Any]:
+        return self._json("POST", f"/objects/{uid_of(ref)}/chmod", json={"access_rights": rights})  # type: ignore
+
+    def events(self, ref: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if ref:
+            params["object"] = uid_of(ref)
+        return self._json("GET", "/events", params=params)  # type: ignore[no-any-return]
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    def create_data(self, name: str, size: int | None = None, sha256: str | None = None, type: str | None = None,
+                    access_rights: str | None = None) -> dict[str, Any]:
+        body = {k: v for k, v in {"name": name, "size": size, "sha256": sha256, "type": type,
+                                  "access_rights": access_rights}.items() if v is not None}
+        return self._json("POST", "/datas", json=body)  # type: ignore[no-any-return]
+
+    def upload(self, ref: str, path: Path, progress: Progress | None = None, sha256: str | None = None) -> dict[str, Any]:
+        """Stream a file as the content of data ``ref``."""
+        size = path.stat().st_size
+
+        def chunks() -> Iterator[bytes]:
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    if progress:
+                        progress(len(chunk))
+                    yield chunk
+
+        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+        if sha256:
+            headers["X-Xw-Sha256"] = sha256
+        return self._json("PUT", f"/datas/{uid_of(ref)}/content", content=chunks(), headers=headers,
+                          timeout=httpx.Timeout(None, connect=15.0))
+
+    def put_data(self, path: str | os.PathLike[str], name: str | None = None, access_rights: str | None = None,
+                 type: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
+        """Send a file: checksum it, create the data, stream the bytes (skipped when the server has them)."""
+        p = Path(path)
+        if not p.is_file():
+            raise XwError(f"no such file: {p}", field="file")
+        sha, size = sha256_file(p)
+        data = self.create_data(name or p.name, size, sha, type, access_rights)
+        if data["status"] != "AVAILABLE":
+            data = self.upload(data["uid"], p, progress)
+        elif progress:
+            progress(size)
+        return data
+
+    def data(self, ref: str) -> dict[str, Any]:
+        return self._json("GET", f"/datas/{uid_of(ref)}")  # type: ignore[no-any-return]
+
+    def datas(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/datas")  # type: ignore[no-any-return]
+
+    def delete_data(self, ref: str) -> None:
+        self._send("DELETE", f"/datas/{uid_of(ref)}")
+
+    def download(self, ref: str, dest: str | os.PathLike[str], progress: Progress | None = None,
+                 expected_sha256: str | None = None, resume: bool = True) -> Path:
+        """Fetch a data's bytes to ``dest``; resumes a partial ``dest.part`` with HTTP Range; verifies sha256."""
+        uid = uid_of(ref)
+        dest = Path(dest)
+        part = dest.with_name(dest.name + ".part")
+        have = part.stat().st_size if resume and part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        headers.update(self._auth_header())
+        url = f"{self.base}/datas/{uid}/content"
+        try:
+            with self.http.stream("GET", url, headers=headers, timeout=httpx.Timeout(None, connect=15.0)) as r:
+                if r.status_code == 416:  # the part is already complete
+                    sha = r.headers.get("x-xw-sha256") or expected_sha256
+                elif r.status_code >= 400:
+                    r.read()
+                    raise _error(r)
+                else:
+                    sha = r.headers.get("x-xw-sha256") or expected_sha256
+                    mode = "ab" if r.status_code == 206 else "wb"
+                    if mode == "ab" and progress:
+                        progress(have)
+                    with open(part, mode) as f:
+                        for chunk in r.iter_bytes(CHUNK):
+                            f.write(chunk)
+                            if progress:
+                                progress(len(chunk))
+        except httpx.HTTPError as exc:
+            raise XwError(f"download of {uid} interrupted: {_short(exc)} (run again to resume)") from None
+        got, _ = sha256_file(part)
+        if sha and got != sha:
+            part.unlink()
+            raise XwError(f"download of {uid}: sha256 mismatch (expected {sha}, got {got}); removed")
+        os.replace(part, dest)
+        return dest
+
+    # -- apps ----------------------------------------------------------------------------------------------------
+    def put_app(self, name: str, type: str = "DEPLOYABLE", binaries: dict[str, str | os.PathLike[str]] | None = None,
+                progress: Progress | None = None, **settings: Any) -> dict[str, Any]:
+        """Register an app (or add binaries to it). Binary values are files (uploaded) or data uids/URIs."""
+        bins: dict[str, str] = {}
+        for platform, value in (binaries or {}).items():
+            bins[platform] = self._data_ref(value, progress)
+        for key in ("default_stdin", "default_dirin", "base_dirin", "image"):
+            if settings.get(key) is not None:
+                settings[key] = self._data_ref(settings[key], progress)
+        body = {"name": name, "type": type, "binaries": bins,
+                **{k: v for k, v in settings.items() if v is not None}}
+        return self._json("POST", "/apps", json=body)  # type: ignore[no-any-return]
+
+    def _data_ref(self, value: str | os.PathLike[str], progress: Progress | None = None) -> str:
+        text = str(value)
+        if text.startswith("xw://"):
+            return uid_of(text)
+        p = Path(text)
+        if p.exists():
+            if p.is_dir():
+                with tempfile.TemporaryDirectory() as tmp:
+                    z = zip_dir(p, Path(tmp) / (p.name + ".zip"))
+                    return str(self.put_data(z, progress=progress)["uid"])
+            return str(self.put_data(p, progress=progress)["uid"])
+        try:
+            return to_uid(text)
+        except BadUri:
+            raise XwError(f"no such file: {text}", field="file") from None
+
+    def apps(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/apps")  # type: ignore[no-any-return]
+
+    def app(self, ref: str) -> dict[str, Any]:
+        return self._json("GET", f"/apps/{ref if not ref.startswith('xw://') else uid_of(ref)}")  # type: ignore
+
+    def delete_app(self, ref: str) -> None:
+        self._send("DELETE", f"/apps/{uid_of(self.app(ref)['uid'])}")
+
+    # -- works ---------------------------------------------------------------------------------------------------
+    def work_spec(self, app: str, **kw: Any) -> dict[str, Any]:
+        """A submission dict; ``env_dir`` (``--xwenv``): a directory/file is zipped and sent, a zip/uid/URI used."""
+        spec = {"app": app if not app.startswith("xw://") else uid_of(app)}
+        xwenv = kw.pop("xwenv", None)
+        if xwenv:
+            spec["dirin"] = self._env_ref(str(xwenv))
+        for key in ("stdin",):
+            if kw.get(key):
+                kw[key] = self._data_ref(kw[key])
+        spec.update({k: v for k, v in kw.items() if v is not None})
+        return spec
+
+    def _env_ref(self, value: str) -> str:
+        p = Path(value)
+        if p.exists():
+            if p.is_file() and zipfile.is_zipfile(p):
+                return str(self.put_data(p)["uid"])
+            with tempfile.TemporaryDirectory() as tmp:
+                z = zip_dir(p, Path(tmp) / ((p.name or "env") + ".zip"))
+                return str(self.put_data(z)["uid"])
+        try:
+            return to_uid(value)
+        except BadUri:
+            raise XwError(f"--xwenv: no such file or directory, and not a uid/URI: {value}", field="xwenv") from None
+
+    def submit(self, app: str, **kw: Any) -> dict[str, Any]:
+        """Submit one work; returns ``{"uid", "uri", "status"}``."""
+        return self._json("POST", "/works", json=self.work_spec(app, **kw))  # type: ignore[no-any-return]
+
+    def submit_bag(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Submit many works in one request (up to 10,000)."""
+        return self._json("POST", "/works", json={"works": specs})["works"]  # type: ignore[no-any-return]
+
+    def work(self, ref: str) -> dict[str, Any]:
+        return self._json("GET", f"/works/{uid_of(ref)}")  # type: ignore[no-any-return]
+
+    def works(self, status: str | None = None, label: str | None = None, group: str | None = None,
+              session: str | None = None, app: str | None = None, page: int = 10_000) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            params = {k: v for k, v in {"status": status, "label": label, "group": group, "session": session,
+                                         "app": app, "limit": page, "after": after}.items() if v is not None}
+            data = self._json("GET", "/works", params=params)
+            out.extend(data["items"])
+            if not data.get("next"):
+                return out
+            after = data["next"]
+
+    def tasks(self, ref: str) -> list[dict[str, Any]]:
+        return self._json("GET", f"/works/{uid_of(ref)}/tasks")  # type: ignore[no-any-return]
+
+    def why(self, ref: str) -> dict[str, Any]:
+        return self._json("GET", f"/works/{uid_of(ref)}/why")  # type: ignore[no-any-return]
+
+    def delete_work(self, ref: str) -> None:
+        self._send("DELETE", f"/works/{uid_of(ref)}")
+
+    def cancel(self, ref: str) -> dict[str, Any]:
+        return self._json("POST", f"/works/{uid_of(ref)}/cancel")  # type: ignore[no-any-return]
+
+    def statuses(self, refs: Iterable[str]) -> dict[str, str]:
+        return {w["uid"]: w["status"] for w in (self.work(r) for r in refs)}
+
+    def wait(self, refs: Iterable[str], timeout: float | None = None,
+             on_change: Callable[[str, str], None] | None = None) -> dict[str, str]:
+        """Block until every work is final (COMPLETED, ERROR, FAILED) or ``timeout``; returns uid → status."""
+        uids = [uid_of(r) for r in refs]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        status: dict[str, str] = {}
+        delay = 0.05
+        while True:
+            for uid in [u for u in uids if status.get(u) not in FINAL]:
+                new = self.work(uid)["status"]
+                if new != status.get(uid) and on_change:
+                    on_change(uid, new)
+                status[uid] = new
+            if all(status[u] in FINAL for u in uids):
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                return status
+            pause = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
+            time.sleep(pause)  # the server has no push channel to clients yet: poll with back-off
+            delay = min(delay * 1.5, 2.0)
+
+    def fetch_result(self, ref: str, dest_dir: str | os.PathLike[str] = ".", progress: Progress | None = None) -> Path:
+        """Download a completed work's result into ``dest_dir``; size and sha256 verified."""
+        w = self.work(ref)
+        if not w.get("result"):
+            raise XwError(f"work {w['uid']} has no result (status {w['status']})")
+        d = self.data(w["result"])
+        dest = Path(dest_dir) / f"{w['uid']}-{d['name'].split('/')[-1]}"
+        path = self.download(w["result"], dest, progress=progress, expected_sha256=d["sha256"])
+        if path.stat().st_size != d["size"]:
+            path.unlink()
+            raise XwError(f"result of {w['uid']}: size mismatch")
+        return path
+
+    # -- users, groups, sessions -----------------------------------------------------------------------------------
+    def users(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/users")  # type: ignore[no-any-return]
+
+    def create_user(self, login: str, password: str | None = None, level: str = "STANDARD_USER",
+                    usergroup: str | None = None, email: str | None = None) -> dict[str, Any]:
+        body = {k: v for k, v in {"login": login, "password": password, "level": level, "usergroup": usergroup,
+                                  "email": email}.items() if v is not None}
+        return self._json("POST", "/users", json=body)  # type: ignore[no-any-return]
+
+    def usergroups(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/usergroups")  # type: ignore[no-any-return]
+
+    def create_usergroup(self, label: str) -> dict[str, Any]:
+        return self._json("POST", "/usergroups", json={"label": label})  # type: ignore[no-any-return]
+
+    def create_bag(self, kind: str, label: str | None = None) -> dict[str, Any]:
+        return self._json("POST", f"/{kind}s", json={"label": label} if label else {})  # type: ignore
+
+    def bags(self, kind: str) -> list[dict[str, Any]]:
+        return self._json("GET", f"/{kind}s")  # type: ignore[no-any-return]
+
+    def delete_bag(self, kind: str, ref: str) -> None:
+        self._send("DELETE", f"/{kind}s/{uid_of(ref)}")
+
+    def hosts(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/hosts")  # type: ignore[no-any-return]
+
+    # -- the worker protocol ---------------------------------------------------------------------------------------
+    def register_host(self, description: dict[str, Any]) -> dict[str, Any]:
+        return self._json("POST", "/hosts", json=description)  # type: ignore[no-any-return]
+
+    def request_works(self, host: str, max: int = 1, wait: float = 0.0) -> list[dict[str, Any]]:
+        r = self._json("POST", f"/hosts/{host}/request", json={"max": max, "wait": wait},
+                       timeout=httpx.Timeout(wait + 60.0, connect=15.0))
+        return r["works"]  # type: ignore[no-any-return]
+
+    def alive(self, host: str, tasks: list[str] | None = None, results: list[str] | None = None,
+              active: bool = True) -> dict[str, Any]:
+        return self._json("POST", f"/hosts/{host}/alive",  # type: ignore[no-any-return]
+                          json={"tasks": tasks or [], "results": results or [], "active": active})
+
+    def report(self, host: str, reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self._json("POST", f"/hosts/{host}/reports", json={"reports": reports})["reports"]  # type: ignore
+
+    def download_to(self, info: dict[str, Any], f: BinaryIO) -> None:
+        """Stream a data described by an assignment (uid, sha256) into an open file (the worker's cache)."""
+        url = f"{self.base}/datas/{info['uid']}/content"
+        with self.http.stream("GET", url, headers=self._auth_header(), timeout=httpx.Timeout(None, connect=15.0)) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise _error(r)
+            for chunk in r.iter_bytes(CHUNK):
+                f.write(chunk)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _error(r: httpx.Response) -> XwError:
+    try:
+        body = r.json()
+        msg = body.get("error") or body.get("detail") or r.text
+        field = body.get("field")
+    except ValueError:
+        msg, field = (r.text.strip()[:300] or r.reason_phrase), None
+    return XwError(f"{msg} (HTTP {r.status_code})", r.status_code, field)

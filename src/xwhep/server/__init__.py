@@ -1,0 +1,1 @@
+"""The server tier: API, scheduler, repository, event log."""

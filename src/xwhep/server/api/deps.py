@@ -1,0 +1,37 @@
+"""What every router needs: the server state, the caller's identity, fast JSON responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from xwhep.server.auth import Identity
+from xwhep.server.errors import ApiError
+from xwhep.server.state import ServerState
+
+
+class FastJSON(JSONResponse):
+    """orjson rendering: the hot paths return plain dicts and skip FastAPI's encoder."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
+
+
+def state(request: Request) -> ServerState:
+    st: ServerState = request.app.state.xw
+    return st
+
+
+async def identity(request: Request) -> Identity:
+    """The bearer token's identity; 401 without a valid one."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "authentication required: log in with POST /api/v1/auth/login and send the token")
+    ident = state(request).tokens.check(token.strip())
+    if ident is None:
+        raise ApiError(401, "invalid or expired token: log in again")
+    return ident

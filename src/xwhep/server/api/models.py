@@ -1,0 +1,148 @@
+"""Request bodies. Unknown fields are refused so that a typo is an error, not a silently ignored option."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoginIn(Strict):
+    login: str
+    password: str
+
+
+class WorkSpec(Strict):
+    app: str
+    args: str | list[str] | None = None
+    env: dict[str, str] | None = None
+    stdin: str | None = None
+    dirin: str | None = None
+    label: str | None = Field(None, max_length=255)
+    group: str | None = None
+    session: str | None = None
+    expected_host: str | None = None
+    min_memory: int | None = None
+    min_cpuspeed: int | None = None
+    min_disk: int | None = None
+    wallclock: int | None = None
+    max_retries: int | None = None
+    replicas: int | None = None
+    requirements: str | None = None
+    rank: str | None = None
+    listen_ports: str | list[int] | None = None
+    forward_addresses: str | None = None
+    access_rights: str | None = None
+
+
+class Bag(Strict):
+    works: list[WorkSpec]
+
+
+class DataSpec(Strict):
+    name: str
+    type: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    access_rights: str | None = None
+
+
+class AppSpec(Strict):
+    name: str
+    type: str | None = None
+    binaries: dict[str, str] | None = None
+    default_stdin: str | None = None
+    default_dirin: str | None = None
+    base_dirin: str | None = None
+    image: str | None = None
+    env: dict[str, str] | None = None
+    packages: dict[str, str] | list[str] | None = None
+    min_memory: int | None = None
+    min_cpuspeed: int | None = None
+    min_disk: int | None = None
+    access_rights: str | None = None
+
+
+class HostSpec(Strict):
+    uid: str | None = None
+    name: str | None = None
+    os: str | None = None
+    cpu: str | None = None
+    cpuspeed: int | None = None
+    cores: int | None = None
+    memory: int | None = None
+    disk: int | None = None
+    java: bool | None = None
+    version: str | None = None
+    apptypes: list[str] | None = None
+    packages: dict[str, str] | None = None
+    datas: list[str] | None = None
+    project: str | None = None
+    incoming: bool | None = None
+    pool: int | None = None
+    active: bool | None = None
+
+
+class RequestIn(Strict):
+    max: int = Field(1, ge=1, le=1000)
+    wait: float = Field(0.0, ge=0.0, le=600.0)
+
+
+class AliveIn(Strict):
+    tasks: list[str] = []
+    results: list[str] = []
+    active: bool = True
+    running: int | None = None
+
+
+class ResultRef(Strict):
+    sha256: str
+    size: int = Field(ge=0)
+    name: str | None = None
+    type: str | None = None
+
+
+class Report(Strict):
+    task: str
+    status: str = "COMPLETED"
+    return_code: int | None = None
+    reason: str | None = None
+    result: ResultRef | None = None
+
+
+class ReportsIn(Strict):
+    reports: list[Report] = Field(max_length=10_000)
+
+
+class UserSpec(Strict):
+    login: str
+    password: str | None = None
+    level: str | None = None
+    usergroup: str | None = None
+    email: str | None = None
+    x509_dn: str | None = None
+    oidc_subject: str | None = None
+
+
+class GroupSpec(Strict):
+    label: str
+
+
+class BagSpec(Strict):
+    label: str | None = None
+
+
+class ChmodIn(Strict):
+    access_rights: str
+
+
+class PasswordIn(Strict):
+    password: str
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(exclude_none=True)

@@ -1,0 +1,351 @@
+"""The client-facing API: auth, works, datas, apps, users, groups, sessions, objects, events."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import anyio.to_thread
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse
+from starlette.requests import ClientDisconnect
+
+from xwhep import __version__
+from xwhep.core.rights import Action, BadRights, clamp_to, format_rights, parse_rights
+from xwhep.server.api.deps import FastJSON, identity, state
+from xwhep.server.api.models import (
+    AppSpec,
+    Bag,
+    BagSpec,
+    ChmodIn,
+    DataSpec,
+    GroupSpec,
+    LoginIn,
+    PasswordIn,
+    UserSpec,
+    WorkSpec,
+    dump,
+)
+from xwhep.server.auth import Identity, hash_password, verify_password
+from xwhep.server.db import schema as s
+from xwhep.server.errors import ApiError, bad_request
+from xwhep.server.services import apps, bags, datas, users, works
+from xwhep.server.services import common as c
+from xwhep.server.state import ServerState
+from xwhep.server.store import StoreError
+
+router = APIRouter(prefix="/api/v1")
+Ident = Annotated[Identity, Depends(identity)]
+St = Annotated[ServerState, Depends(state)]
+
+
+# -- public ------------------------------------------------------------------------------------------------------
+
+@router.get("/health", tags=["public"])
+async def health(st: St) -> FastJSON:
+    return FastJSON({"status": "ok", "uptime": time.time() - st.started})
+
+
+@router.get("/version", tags=["public"])
+async def version() -> FastJSON:
+    return FastJSON({"version": __version__, "api": "v1"})
+
+
+@router.post("/auth/login", tags=["public"])
+async def login(body: LoginIn, st: St) -> FastJSON:
+    """Password login; the answer is a short-lived bearer token."""
+    ident, stored = await st.db.run(users.credentials, body.login)
+    if not await anyio.to_thread.run_sync(verify_password, stored, body.password):
+        ident = None
+    if ident is None:
+        await st.db.run(c.event, None, "auth.login.failed", None, None, None, f"login {body.login}")
+        raise ApiError(401, "login failed: unknown login or wrong password", "password")
+    await st.db.run(c.event, ident.uid, "auth.login", ident.uid)
+    token, ttl = st.tokens.issue(ident)
+    return FastJSON({"token": token, "expires_in": ttl, "user": ident.uid, "level": ident.level.name})
+
+
+@router.get("/me")
+async def me(ident: Ident, st: St) -> FastJSON:
+    row = await st.db.run(c.load, "user", ident.uid)
+    return FastJSON(c.render(row, st.name))
+
+
+# -- works -------------------------------------------------------------------------------------------------------
+
+@router.post("/works", status_code=201)
+async def submit(body: WorkSpec | Bag, ident: Ident, st: St) -> FastJSON:
+    """Submit one work, or a bag ``{"works": [...]}`` of up to 10,000 in one transaction."""
+    specs = [dump(w) for w in body.works] if isinstance(body, Bag) else [dump(body)]
+    out, eff = await st.db.run(works.submit, ident, specs, st.name, st.config.max_bag)
+    eff.apply(st)
+    return FastJSON({"works": out} if isinstance(body, Bag) else out[0], status_code=201)
+
+
+@router.get("/works")
+async def list_works(ident: Ident, st: St, status: str | None = None, label: str | None = None,
+                     group: str | None = None, session: str | None = None, app: str | None = None,
+                     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+                     after: Annotated[int, Query(ge=0)] = 0) -> FastJSON:
+    return FastJSON(await st.db.run(works.listing, ident, st.name, status, label, group, session, app, limit,
+                                    after))
+
+
+@router.get("/works/{uid}")
+async def get_work(uid: str, ident: Ident, st: St) -> FastJSON:
+    return FastJSON(await st.db.run(works.get, ident, c.ref(uid, "uid"), st.name))
+
+
+@router.get("/works/{uid}/why")
+async def why(uid: str, ident: Ident, st: St) -> FastJSON:
+    """Why is this work pending: per requirement, how many registered hosts satisfy it."""
+    from xwhep.server.hosts import all_profiles
+
+    profiles = await all_profiles(st)
+    since = time.time() - st.config.alive_timeout
+    return FastJSON(await st.db.run(works.why, ident, c.ref(uid, "uid"), profiles, since))
+
+
+@router.get("/works/{uid}/tasks")
+async def work_tasks(uid: str, ident: Ident, st: St) -> FastJSON:
+    def run(conn: Any) -> list[dict[str, Any]]:
+        c.load_checked(conn, ident, "work", c.ref(uid, "uid"), Action.READ)
+        rows = conn.execute(sa.select(s.tasks).where(s.tasks.c.work == c.ref(uid, "uid"))
+                            .order_by(s.tasks.c.trial)).mappings()
+        return [c.render(r, st.name) for r in rows]
+
+    return FastJSON(await st.db.run(run))
+
+
+@router.delete("/works/{uid}")
+async def delete_work(uid: str, ident: Ident, st: St) -> FastJSON:
+    eff = await st.db.run(works.delete, ident, c.ref(uid, "uid"))
+    eff.apply(st)
+    return FastJSON({"deleted": c.ref(uid, "uid")})
+
+
+@router.post("/works/{uid}/cancel")
+async def cancel_work(uid: str, ident: Ident, st: St) -> FastJSON:
+    eff = await st.db.run(works.cancel, ident, c.ref(uid, "uid"))
+    eff.apply(st)
+    return FastJSON(await st.db.run(works.get, ident, c.ref(uid, "uid"), st.name))
+
+
+# -- datas -------------------------------------------------------------------------------------------------------
+
+@router.post("/datas", status_code=201)
+async def create_data(body: DataSpec, ident: Ident, st: St) -> FastJSON:
+    out, eff = await st.db.run(datas.create, ident, dump(body), st.name, st.store.exists)
+    eff.apply(st)
+    return FastJSON(out, status_code=201)
+
+
+@router.put("/datas/{uid}/content")
+async def upload(uid: str, request: Request, ident: Ident, st: St) -> FastJSON:
+    """Stream the bytes; they are hashed on the way and committed only when size and sha256 match."""
+    uid = c.ref(uid, "uid")
+    row = await st.db.run(datas.check_upload, ident, uid)
+    declared = row["sha256"] or request.headers.get("x-xw-sha256")
+    if not declared:
+        raise bad_request("sha256: declare it when creating the data or in the X-Xw-Sha256 header", "sha256")
+    size = row["size"]
+    if size is None and request.headers.get("content-length"):
+        size = int(request.headers["content-length"])
+    staged = st.store.begin()
+    try:
+        async for chunk in request.stream():
+            staged.write(chunk)
+    except ClientDisconnect:
+        st.store.abort(staged)
+        raise bad_request(f"upload of data {uid} interrupted after {staged.size} bytes; nothing stored",
+                          "content") from None
+    except BaseException:
+        st.store.abort(staged)
+        raise
+    try:
+        sha, n = st.store.commit(staged, size, declared)
+    except StoreError as exc:
+        await st.db.run(c.event, ident.uid, "data.upload.refused", uid, None, None, str(exc))
+        raise bad_request(f"content: {exc}; data {uid} stays UNAVAILABLE", "content") from None
+    out, eff = await st.db.run(datas.mark_available, ident, uid, sha, n)
+    eff.apply(st)
+    return FastJSON(c.render(out, st.name))
+
+
+@router.get("/datas/{uid}/content")
+async def download(uid: str, ident: Ident, st: St) -> FileResponse:
+    """The bytes, with HTTP Range support (resume); ``X-Xw-Sha256`` carries the checksum."""
+    row = await st.db.run(datas.check_download, ident, c.ref(uid, "uid"))
+    path = st.store.path(row["sha256"])
+    if not path.exists():
+        raise ApiError(410, f"data {uid}: content missing from the store", "content")
+    return FileResponse(path, media_type="application/octet-stream", filename=row["name"],
+                        headers={"X-Xw-Sha256": row["sha256"], "ETag": f'"{row["sha256"]}"'})
+
+
+@router.get("/datas")
+async def list_datas(ident: Ident, st: St, limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+                     after: str = "") -> FastJSON:
+    return FastJSON(await st.db.run(datas.listing, ident, st.name, limit, after))
+
+
+@router.get("/datas/{uid}")
+async def get_data(uid: str, ident: Ident, st: St) -> FastJSON:
+    row = await st.db.run(c.load_checked, ident, "data", c.ref(uid, "uid"), Action.READ)
+    return FastJSON(c.render(row, st.name))
+
+
+@router.delete("/datas/{uid}")
+async def delete_data(uid: str, ident: Ident, st: St) -> FastJSON:
+    eff = await st.db.run(datas.delete, ident, c.ref(uid, "uid"))
+    eff.apply(st)
+    return FastJSON({"deleted": c.ref(uid, "uid")})
+
+
+# -- apps --------------------------------------------------------------------------------------------------------
+
+@router.post("/apps", status_code=201)
+async def put_app(body: AppSpec, ident: Ident, st: St) -> FastJSON:
+    return FastJSON(await st.db.run(apps.put, ident, dump(body), st.name), status_code=201)
+
+
+@router.get("/apps")
+async def list_apps(ident: Ident, st: St) -> FastJSON:
+    return FastJSON(await st.db.run(apps.listing, ident, st.name))
+
+
+@router.get("/apps/{ref}")
+async def get_app(ref: str, ident: Ident, st: St) -> FastJSON:
+    return FastJSON(c.render(await st.db.run(apps.resolve, ident, ref), st.name))
+
+
+@router.delete("/apps/{uid}")
+async def delete_app(uid: str, ident: Ident, st: St) -> FastJSON:
+    await st.db.run(apps.delete, ident, c.ref(uid, "uid"))
+    return FastJSON({"deleted": c.ref(uid, "uid")})
+
+
+# -- users and groups ----------------------------------------------------------------------------------------------
+
+@router.post("/users", status_code=201)
+async def create_user(body: UserSpec, ident: Ident, st: St) -> FastJSON:
+    spec = dump(body)
+    if "password" in spec:  # argon2 is slow on purpose: keep it off the event loop
+        spec["password_hash"] = await anyio.to_thread.run_sync(hash_password, spec["password"])
+    return FastJSON(await st.db.run(users.create_user, ident, spec, st.name), status_code=201)
+
+
+@router.get("/users")
+async def list_users(ident: Ident, st: St) -> FastJSON:
+    return FastJSON(await st.db.run(users.listing, ident, st.name))
+
+
+@router.delete("/users/{uid}")
+async def delete_user(uid: str, ident: Ident, st: St) -> FastJSON:
+    await st.db.run(users.delete_user, ident, c.ref(uid, "uid"))
+    return FastJSON({"deleted": c.ref(uid, "uid")})
+
+
+@router.post("/users/{uid}/password")
+async def set_password(uid: str, body: PasswordIn, ident: Ident, st: St) -> FastJSON:
+    await st.db.run(users.set_password, ident, c.ref(uid, "uid"), body.password)
+    return FastJSON({"updated": c.ref(uid, "uid")})
+
+
+@router.post("/usergroups", status_code=201)
+async def create_usergroup(body: GroupSpec, ident: Ident, st: St) -> FastJSON:
+    return FastJSON(await st.db.run(users.create_group, ident, dump(body), st.name), status_code=201)
+
+
+@router.get("/usergroups")
+async def list_usergroups(ident: Ident, st: St) -> FastJSON:
+    return FastJSON(await st.db.run(users.list_groups, ident, st.name))
+
+
+# -- sessions and groups of works ----------------------------------------------------------------------------------
+
+def _bag_routes(kind: str) -> None:
+    async def create(body: BagSpec, ident: Ident, st: St) -> FastJSON:
+        return FastJSON(await st.db.run(bags.create, ident, kind, dump(body), st.name), status_code=201)
+
+    async def listing(ident: Ident, st: St) -> FastJSON:
+        return FastJSON(await st.db.run(bags.listing, ident, kind, st.name))
+
+    async def delete(uid: str, ident: Ident, st: St) -> FastJSON:
+        eff = await st.db.run(bags.delete, ident, kind, c.ref(uid, "uid"))
+        eff.apply(st)
+        return FastJSON({"deleted": c.ref(uid, "uid")})
+
+    router.add_api_route(f"/{kind}s", create, methods=["POST"], status_code=201, name=f"create_{kind}")
+    router.add_api_route(f"/{kind}s", listing, methods=["GET"], name=f"list_{kind}s")
+    router.add_api_route(f"/{kind}s/{{uid}}", delete, methods=["DELETE"], name=f"delete_{kind}")
+
+
+_bag_routes("session")
+_bag_routes("group")
+
+
+# -- any object ----------------------------------------------------------------------------------------------------
+
+def _find(conn: Any, uid: str) -> tuple[str, dict[str, Any]]:
+    for kind, table in s.TABLES_BY_TYPE.items():
+        row = conn.execute(sa.select(table).where(table.c.uid == uid)).mappings().first()
+        if row is not None:
+            return kind, dict(row)
+    raise ApiError(404, f"no object {uid}")
+
+
+@router.get("/objects/{uid}")
+async def get_object(uid: str, ident: Ident, st: St) -> FastJSON:
+    """Any object by uid or URI, with its kind."""
+    def run(conn: Any) -> dict[str, Any]:
+        kind, row = _find(conn, c.ref(uid, "uid"))
+        if not c.allowed(conn, ident, Action.READ, row):
+            raise ApiError(404, f"no object {uid}")
+        return {"kind": kind, **c.render(row, st.name)}
+
+    return FastJSON(await st.db.run(run))
+
+
+@router.post("/objects/{uid}/chmod")
+async def chmod(uid: str, body: ChmodIn, ident: Ident, st: St) -> FastJSON:
+    """Change access rights: ``0x755``, ``755`` (octal digits as meant) or symbolic ``go-rwx``."""
+    def run(conn: Any) -> dict[str, Any]:
+        kind, row = _find(conn, c.ref(uid, "uid"))
+        c.load_checked(conn, ident, kind, row["uid"], Action.CHMOD)
+        try:
+            rights = parse_rights(body.access_rights, row["access_rights"])
+        except BadRights as exc:
+            raise bad_request(f"access_rights: {exc}", "access_rights") from None
+        if kind == "work":
+            app_rights = conn.execute(sa.select(s.apps.c.access_rights).where(s.apps.c.uid == row["app"])).scalar()
+            rights = clamp_to(rights, app_rights)
+        if kind == "app" and not ident.is_admin:
+            rights &= 0x1750 if ident.level.name == "ADVANCED_USER" else 0x1700
+        table = s.TABLES_BY_TYPE[kind]
+        conn.execute(table.update().where(table.c.uid == row["uid"]).values(access_rights=rights, modified=c.now()))
+        c.event(conn, ident.uid, f"{kind}.chmod", row["uid"], format_rights(row["access_rights"]),
+                format_rights(rights))
+        return {"kind": kind, "uid": row["uid"], "access_rights": format_rights(rights)}
+
+    return FastJSON(await st.db.run(run))
+
+
+@router.get("/events")
+async def list_events(ident: Ident, st: St, object: str | None = None,
+                      limit: Annotated[int, Query(ge=1, le=100_000)] = 1000) -> FastJSON:
+    """The event log: an object's history (for its readers), or everything (administrators)."""
+    def run(conn: Any) -> list[dict[str, Any]]:
+        q = sa.select(s.events).order_by(s.events.c.id.desc()).limit(limit)
+        if object:
+            uid = c.ref(object, "object")
+            kind, row = _find(conn, uid)
+            if not c.allowed(conn, ident, Action.READ, row):
+                raise ApiError(404, f"no object {uid}")
+            q = q.where(s.events.c.object == uid)
+        elif not ident.is_admin:
+            q = q.where(s.events.c.actor == ident.uid)
+        return [c.render(r, st.name) for r in conn.execute(q).mappings()][::-1]
+
+    return FastJSON(await st.db.run(run))

@@ -1,0 +1,169 @@
+"""The ASGI application: routers, error rendering, request-size guard, background housekeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from xwhep import __version__
+from xwhep.core.model import UsageLevel, WorkStatus
+from xwhep.server.api import routes, worker
+from xwhep.server.api.deps import FastJSON
+from xwhep.server.db import schema as s
+from xwhep.server.errors import ApiError
+from xwhep.server.services import dispatch
+from xwhep.server.services.works import Resolver, profile_of
+from xwhep.server.state import ServerState
+
+log = logging.getLogger("xwhep.server")
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413, except data uploads (they stream to disk)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].endswith("/content"):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and int(value or 0) > self.limit:
+                await _too_large(self.limit, send)
+                return
+        seen = 0
+
+        async def counting() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise ApiError(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, counting, send)
+
+
+async def _too_large(limit: int, send: Send) -> None:
+    body = FastJSON({"error": f"request body over {limit} bytes", "field": None}).body
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def load_index(conn: Any) -> tuple[list[tuple[Any, ...]], dict[str, int], dict[str, str]]:
+    """Rebuild the in-memory state from the database: pending works, running counts, active tasks."""
+    apps = {a["uid"]: dict(a) for a in conn.execute(sa.select(s.apps)).mappings()}
+    res = Resolver(conn, None)  # type: ignore[arg-type]
+    pending = []
+    for w in conn.execute(sa.select(s.works).where(s.works.c.status == WorkStatus.PENDING)
+                          .order_by(s.works.c.id)).mappings():
+        rset = w["replica_of"] or (w["uid"] if w["replicas"] > 1 else None)
+        pending.append((w["uid"], w["id"], profile_of(w, apps[w["app"]], res.owner_group(w["owner"])),
+                        w["rank"], rset))
+    running = dict(conn.execute(sa.select(s.works.c.owner, sa.func.count()).where(
+        s.works.c.status.in_([WorkStatus.RUNNING, WorkStatus.DATAREQUEST])).group_by(s.works.c.owner)).all())
+    active = dict(conn.execute(sa.select(s.tasks.c.uid, s.tasks.c.work).where(s.tasks.c.status == "RUNNING")).all())
+    return pending, running, active
+
+
+async def rebuild(st: ServerState) -> None:
+    pending, running, active = await st.db.run(load_index)
+    for args in pending:
+        st.scheduler.add(*args)
+    st.scheduler.running.clear()
+    st.scheduler.running.update(running)
+    st.liveness.active_tasks.update(active)
+    st.scheduler.notify()
+
+
+async def housekeeping(st: ServerState) -> None:
+    """Flush batched alive times; reap silent tasks; resync the pending index when needed."""
+    cfg = st.config
+    reaper_period = cfg.reaper_period or max(0.2, cfg.alive_timeout / 4)
+    next_reap = time.monotonic() + reaper_period
+    while True:
+        await asyncio.sleep(min(cfg.flush_period, reaper_period))
+        try:
+            hosts, st.liveness.hosts = st.liveness.hosts, {}
+            tasks, st.liveness.tasks = st.liveness.tasks, {}
+            if hosts or tasks:
+                await st.db.run(dispatch.flush_alive, hosts, tasks)
+            if time.monotonic() >= next_reap:
+                next_reap = time.monotonic() + reaper_period
+                n, eff = await st.db.run(dispatch.reap, time.time() - cfg.alive_timeout)
+                eff.apply(st)
+                if n:
+                    log.info("reaper: %d silent task(s) lost", n)
+            if st.resync_needed or not st.db.is_sqlite:
+                st.resync_needed = False
+                await rebuild(st)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # keep the loop alive; the next round retries
+            log.exception("housekeeping round failed")
+
+
+def create_app(st: ServerState) -> FastAPI:
+    """The FastAPI application around a ready :class:`ServerState`."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        st.started = time.time()
+        await rebuild(st)
+        task = asyncio.create_task(housekeeping(st))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            hosts, tasks = st.liveness.hosts, st.liveness.tasks
+            if hosts or tasks:
+                await st.db.run(dispatch.flush_alive, hosts, tasks)
+
+    app = FastAPI(title="xwhep", version=__version__, lifespan=lifespan,
+                  description="A secured desktop grid after XtremWeb-HEP: works, data, apps, workers.")
+    app.state.xw = st
+    app.include_router(routes.router)
+    app.include_router(worker.router)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> FastJSON:
+        return FastJSON({"error": exc.message, "field": exc.field}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> FastJSON:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        field = ".".join(loc) or None
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            msg, field = "request body is not valid JSON", "body"
+        return FastJSON({"error": f"{field}: {msg}" if field else msg, "field": field,
+                         "details": [{"field": ".".join(str(p) for p in e.get("loc", ())), "error": e.get("msg")}
+                                     for e in errors[:20]]}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> FastJSON:
+        return FastJSON({"error": str(exc.detail), "field": None}, status_code=exc.status_code)
+
+    app.add_middleware(BodyLimit, limit=st.config.max_json_body)  # type: ignore[arg-type]
+    return app
+
+
+LEVEL_ADMIN = UsageLevel.SUPER_USER

@@ -1,0 +1,75 @@
+"""Who is calling: password hashing (argon2id), login tokens (short-lived JWT), the request's actor."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jwt
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from xwhep.core.model import UsageLevel
+from xwhep.core.rights import Actor
+
+_HASHER = PasswordHasher()
+TOKEN_TTL = 3600
+_ALG = "HS256"
+
+
+def hash_password(password: str) -> str:
+    """An argon2id hash: the password cannot be recovered from it."""
+    return _HASHER.hash(password)
+
+
+def verify_password(stored: str | None, password: str) -> bool:
+    if not stored:
+        return False
+    try:
+        return _HASHER.verify(stored, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The authenticated caller of one request."""
+
+    uid: str
+    login: str
+    level: UsageLevel
+    usergroup: str | None
+
+    @property
+    def actor(self) -> Actor:
+        return Actor(self.uid, self.level, self.usergroup)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.level >= UsageLevel.SUPER_USER
+
+    @property
+    def is_worker(self) -> bool:
+        return self.level in (UsageLevel.WORKER_USER, UsageLevel.VWORKER_USER)
+
+
+class Tokens:
+    """Issue and check bearer tokens signed with the server's secret."""
+
+    def __init__(self, secret: bytes, ttl: int = TOKEN_TTL) -> None:
+        self.secret = secret
+        self.ttl = ttl
+
+    def issue(self, ident: Identity) -> tuple[str, int]:
+        now = int(time.time())
+        claims = {"sub": ident.uid, "login": ident.login, "lvl": ident.level.name, "grp": ident.usergroup,
+                  "iat": now, "exp": now + self.ttl, "iss": "xwhep"}
+        return jwt.encode(claims, self.secret, algorithm=_ALG), self.ttl
+
+    def check(self, token: str) -> Identity | None:
+        try:
+            claims = jwt.decode(token, self.secret, algorithms=[_ALG], issuer="xwhep",
+                                options={"require": ["exp", "sub"]})
+        except jwt.PyJWTError:
+            return None
+        return Identity(claims["sub"], claims.get("login", ""), UsageLevel[claims["lvl"]], claims.get("grp"))

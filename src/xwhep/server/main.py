@@ -1,0 +1,68 @@
+"""``xw server``: initialize the home directory, bind, and serve (HTTPS unless --insecure)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+
+import uvicorn
+
+from xwhep.server.app import create_app
+from xwhep.server.auth import Tokens
+from xwhep.server.config import ServerConfig
+from xwhep.server.home import initialize, secret
+from xwhep.server.state import ServerState
+from xwhep.server.store import BlobStore
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(cfg: ServerConfig) -> None:
+    """Run the server until interrupted. Prints one ``ready`` line with the URL once it accepts requests."""
+    logging.basicConfig(level=os.environ.get("XW_LOG", "WARNING"), format="%(asctime)s %(name)s %(message)s")
+    sock = _bind(cfg.host, cfg.port)
+    cfg.port = sock.getsockname()[1]
+    scheme = "http" if cfg.insecure else "https"
+    local = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else ("[::1]" if cfg.host == "::" else cfg.host)
+    url = f"{scheme}://{local}:{cfg.port}"
+    db, material = initialize(cfg, url)
+    st = ServerState(config=cfg, db=db, store=BlobStore(cfg.blob_dir), tokens=Tokens(secret(cfg.home)))
+    app = create_app(st)
+    kwargs = {}
+    if material is not None:
+        kwargs = {"ssl_certfile": str(material.cert), "ssl_keyfile": str(material.key)}
+    uv = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=75,
+                        backlog=2048, **kwargs)  # type: ignore[arg-type]
+    server = uvicorn.Server(uv)
+
+    async def run() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                await task
+                return
+            await asyncio.sleep(0.01)  # uvicorn offers no "started" event; this only gates the ready line
+        info = {"url": url, "pid": os.getpid(), "home": str(cfg.home), "ca": str(material.ca_pem) if material else None}
+        (cfg.home / "server.json").write_text(json.dumps(info))
+        print(f"xwhep server ready at {url} (home {cfg.home})", flush=True)
+        await task
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        db.dispose()
+        sys.stdout.flush()

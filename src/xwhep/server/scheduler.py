@@ -1,0 +1,159 @@
+"""The scheduler's in-memory index of PENDING works, grouped into match classes.
+
+The database stays the truth: claiming is a compare-and-set (``UPDATE … WHERE status='PENDING'``), so a work
+is never handed to two hosts even with several server processes. The index only makes matching cheap: works of
+one bag share one :class:`~xwhep.core.matching.WorkProfile` (a class), matched once per host, and the pick is
+fair across owners (fewest running first), then by rank, then FIFO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from xwhep.core.expressions import rank_of
+from xwhep.core.matching import HostProfile, WorkProfile, matches
+
+
+@dataclass
+class MatchClass:
+    cid: int
+    profile: WorkProfile
+    rank: str | None
+    heap: list[tuple[int, str]] = field(default_factory=list)  # (submission id, work uid)
+
+
+@dataclass
+class Entry:
+    cid: int
+    seq: int
+    replica_set: str | None
+
+
+class Scheduler:
+    """Pending works by class; all methods run on the event loop thread (no locks needed)."""
+
+    def __init__(self) -> None:
+        self._classes: dict[tuple[Any, ...], MatchClass] = {}
+        self._by_cid: dict[int, MatchClass] = {}
+        self._entries: dict[str, Entry] = {}
+        self._match_cache: dict[tuple[int, str, int], tuple[bool, float]] = {}
+        self.running: Counter[str] = Counter()  # owner → works running now
+        self.replica_hosts: defaultdict[str, set[str]] = defaultdict(set)
+        self._event = asyncio.Event()
+        self._next_cid = 0
+
+    # -- index maintenance ----------------------------------------------------------------------------------
+    def add(self, uid: str, seq: int, profile: WorkProfile, rank: str | None, replica_set: str | None) -> None:
+        """A work became PENDING."""
+        if uid in self._entries:
+            return
+        key = (*profile.key(), rank)
+        cls = self._classes.get(key)
+        if cls is None:
+            self._next_cid += 1
+            cls = MatchClass(self._next_cid, profile, rank)
+            self._classes[key] = cls
+            self._by_cid[cls.cid] = cls
+        heapq.heappush(cls.heap, (seq, uid))
+        self._entries[uid] = Entry(cls.cid, seq, replica_set)
+
+    def discard(self, uid: str) -> None:
+        """A work left PENDING some other way (deleted, cancelled): forget it lazily."""
+        self._entries.pop(uid, None)
+
+    def notify(self) -> None:
+        """Wake every long-polling request."""
+        ev, self._event = self._event, asyncio.Event()
+        ev.set()
+
+    async def wait(self, timeout: float) -> None:
+        """Wait until new works arrive or ``timeout`` passes."""
+        ev = self._event
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, uid: str) -> bool:
+        return uid in self._entries
+
+    def forget_host(self, host_uid: str) -> None:
+        """The host re-registered: its cached match results no longer hold."""
+        for key in [k for k in self._match_cache if k[1] == host_uid]:
+            del self._match_cache[key]
+
+    # -- picking --------------------------------------------------------------------------------------------
+    def _fit(self, cls: MatchClass, host: HostProfile, version: int) -> tuple[bool, float]:
+        key = (cls.cid, host.uid, version)
+        hit = self._match_cache.get(key)
+        if hit is None:
+            ok = matches(cls.profile, host)
+            hit = (ok, rank_of(cls.rank, host.as_cel()) if ok and cls.rank else 0.0)
+            if len(self._match_cache) > 200_000:
+                self._match_cache.clear()
+            self._match_cache[key] = hit
+        return hit
+
+    def _head(self, cls: MatchClass) -> int | None:
+        heap = cls.heap
+        while heap:
+            seq, uid = heap[0]
+            entry = self._entries.get(uid)
+            if entry is not None and entry.cid == cls.cid and entry.seq == seq:
+                return seq
+            heapq.heappop(heap)  # stale: claimed, deleted or re-added elsewhere
+        return None
+
+    def pick(self, host: HostProfile, k: int, version: int = 0) -> list[str]:
+        """Take up to ``k`` works for ``host`` out of the index (the caller claims them in the database)."""
+        owners: defaultdict[str, list[tuple[float, MatchClass]]] = defaultdict(list)
+        for cls in list(self._by_cid.values()):
+            if self._head(cls) is None:
+                self._drop(cls)
+                continue
+            ok, rank = self._fit(cls, host, version)
+            if ok:
+                owners[cls.profile.owner].append((rank, cls))
+        taken: list[str] = []
+        skipped: list[tuple[MatchClass, tuple[int, str]]] = []
+        extra: Counter[str] = Counter()
+        while len(taken) < k and owners:
+            owner = min(owners, key=lambda o: (self.running[o] + extra[o],
+                                               min(self._head(c) or 0 for _, c in owners[o])))
+            candidates = owners[owner]
+            rank, cls = min(candidates, key=lambda rc: (-rc[0], self._head(rc[1]) or 0))
+            seq = self._head(cls)
+            if seq is None:
+                candidates.remove((rank, cls))
+                if not candidates:
+                    del owners[owner]
+                continue
+            item = heapq.heappop(cls.heap)
+            entry = self._entries[item[1]]
+            if entry.replica_set and host.uid in self.replica_hosts.get(entry.replica_set, ()):
+                skipped.append((cls, item))  # replicas of one work go to distinct hosts
+                continue
+            del self._entries[item[1]]
+            taken.append(item[1])
+            extra[owner] += 1
+        for cls, item in skipped:
+            heapq.heappush(cls.heap, item)
+        return taken
+
+    def _drop(self, cls: MatchClass) -> None:
+        self._by_cid.pop(cls.cid, None)
+        for key, value in list(self._classes.items()):
+            if value is cls:
+                del self._classes[key]
+                break
+
+    def stats(self) -> dict[str, int]:
+        return {"pending": len(self._entries), "classes": len(self._by_cid),
+                "running": sum(self.running.values())}

@@ -1,0 +1,1 @@
+"""Server logic per object kind, working on a database connection inside one transaction."""

@@ -1,0 +1,381 @@
+"""The server side of the worker protocol: register, claim, report, complete, reap.
+
+Every status change goes through :func:`move`, which asks the state graph, does a compare-and-set update
+and writes the event, so an illegal or stale change can never land.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from xwhep.core.matching import HostProfile
+from xwhep.core.model import AppType, DataStatus, TaskStatus, WorkStatus, normalize_cpu, normalize_os
+from xwhep.core.states import after_loss, is_final, transition
+from xwhep.core.uri import new_uid
+from xwhep.server.auth import Identity
+from xwhep.server.db import schema as s
+from xwhep.server.errors import ApiError, bad_request, forbidden
+from xwhep.server.services import common as c
+from xwhep.server.services.effects import Effects
+from xwhep.server.services.works import Resolver, profile_of
+
+W = WorkStatus
+
+
+def move(conn: Connection, work: dict[str, Any], target: WorkStatus, actor: str | None, reason: str = "",
+         **values: Any) -> None:
+    """Change a work's status along the graph (compare-and-set on the current status) and log the event."""
+    source = WorkStatus(work["status"])
+    transition(source, target, reason)
+    t = c.now()
+    values.setdefault("modified", t)
+    if target == W.PENDING:
+        values.setdefault("pending_since", t)
+    if is_final(target):
+        values.setdefault("completed", t)
+    r = conn.execute(s.works.update().where(s.works.c.uid == work["uid"], s.works.c.status == source)
+                     .values(status=target, **values))
+    if r.rowcount != 1:
+        raise ApiError(409, f"work {work['uid']} changed concurrently (expected {source})", "status")
+    c.event(conn, actor, "work.transition", work["uid"], source, target, reason or None)
+    work.update(values, status=target)
+
+
+# -- hosts -----------------------------------------------------------------------------------------------------
+
+def register(conn: Connection, ident: Identity, desc: Mapping[str, Any]) -> dict[str, Any]:
+    """Create or refresh the host a worker runs as; the caller becomes its owner."""
+    t = c.now()
+    values = {
+        "name": str(desc.get("name") or "unnamed")[:255],
+        "os": normalize_os(str(desc.get("os") or "linux")), "cpu": normalize_cpu(str(desc.get("cpu") or "x86_64")),
+        "cpuspeed": int(desc.get("cpuspeed") or 0), "cores": max(1, int(desc.get("cores") or 1)),
+        "memory": int(desc.get("memory") or 0), "disk": int(desc.get("disk") or 0),
+        "java": bool(desc.get("java")), "version": str(desc.get("version") or "")[:64],
+        "apptypes": sorted({str(a) for a in desc.get("apptypes") or []}),
+        "packages": {str(k): str(v) for k, v in (desc.get("packages") or {}).items()},
+        "sharedatas": sorted({str(d) for d in desc.get("datas") or []}),
+        "project": desc.get("project") or None, "incoming": bool(desc.get("incoming")),
+        "pool": max(1, int(desc.get("pool") or 1)), "active": bool(desc.get("active", True)),
+        "last_alive": t, "modified": t,
+    }
+    uid = desc.get("uid")
+    if uid:
+        uid = c.ref(str(uid), "uid")
+        row = conn.execute(sa.select(s.hosts.c.owner).where(s.hosts.c.uid == uid)).first()
+        if row is not None:
+            if row[0] != ident.uid and not ident.is_admin:
+                raise forbidden(f"host {uid} belongs to another identity")
+            conn.execute(s.hosts.update().where(s.hosts.c.uid == uid).values(**values))
+            c.event(conn, ident.uid, "host.register", uid, detail="re-registered")
+            return c.load(conn, "host", uid)
+    uid = uid or new_uid()
+    conn.execute(s.hosts.insert().values(uid=uid, owner=ident.uid, access_rights=0x700, created=t, **values))
+    c.event(conn, ident.uid, "host.register", uid)
+    return c.load(conn, "host", uid)
+
+
+def host_profile(row: Mapping[str, Any], ident_level: Any, ident_group: str | None) -> HostProfile:
+    return HostProfile(
+        uid=row["uid"], name=row["name"], os=row["os"], cpu=row["cpu"], cpuspeed=row["cpuspeed"],
+        cores=row["cores"], memory=row["memory"], disk=row["disk"], java=row["java"],
+        apptypes=frozenset(row["apptypes"] or []), packages=dict(row["packages"] or {}),
+        datas=frozenset(row["sharedatas"] or []), project=row["project"] or "", incoming=row["incoming"],
+        owner=row["owner"] or "", owner_level=ident_level, owner_group=ident_group)
+
+
+def own_host(conn: Connection, ident: Identity, host_uid: str) -> dict[str, Any]:
+    row = conn.execute(sa.select(s.hosts).where(s.hosts.c.uid == host_uid)).mappings().first()
+    if row is None or (row["owner"] != ident.uid and not ident.is_admin):
+        raise ApiError(404, f"no host {host_uid}")
+    return dict(row)
+
+
+# -- claiming --------------------------------------------------------------------------------------------------
+
+def _datainfo(conn: Connection, uids: set[str]) -> dict[str, dict[str, Any]]:
+    if not uids:
+        return {}
+    rows = conn.execute(sa.select(s.datas.c.uid, s.datas.c.name, s.datas.c.sha256, s.datas.c.size,
+                                  s.datas.c.type).where(s.datas.c.uid.in_(uids))).mappings().all()
+    return {r["uid"]: dict(r) for r in rows}
+
+
+def claim(conn: Connection, host: HostProfile, picked: list[str]) -> tuple[list[dict[str, Any]], Effects]:
+    """Claim the picked works for ``host`` (compare-and-set) and describe them for the worker."""
+    t = c.now()
+    eff = Effects()
+    claimed: list[tuple[str, str]] = []
+    for uid in picked:
+        task = new_uid()
+        r = conn.execute(s.works.update().where(s.works.c.uid == uid, s.works.c.status == W.PENDING)
+                         .values(status=W.RUNNING, host=host.uid, task=task, started=t, modified=t))
+        if r.rowcount == 1:
+            claimed.append((uid, task))
+    if not claimed:
+        return [], eff
+    task_of = dict(claimed)
+    works = conn.execute(sa.select(s.works).where(s.works.c.uid.in_(task_of))).mappings().all()
+    app_uids = {w["app"] for w in works}
+    apps = {a["uid"]: dict(a) for a in conn.execute(sa.select(s.apps).where(s.apps.c.uid.in_(app_uids))).mappings()}
+    wanted: set[str] = set()
+    plat = f"{host.os}/{host.cpu}"
+    for a in apps.values():
+        b = a["binaries"] or {}
+        for key in (plat, "java"):
+            if key in b:
+                wanted.add(b[key])
+                break
+        wanted.update(x for x in (a["default_stdin"], a["default_dirin"], a["base_dirin"], a["image"]) if x)
+    for w in works:
+        wanted.update(x for x in (w["stdin"], w["dirin"]) if x)
+    info = _datainfo(conn, wanted)
+    task_rows, ev, out = [], [], []
+    for w in works:
+        task = task_of[w["uid"]]
+        task_rows.append({"uid": task, "owner": host.owner, "access_rights": 0x700, "created": t, "modified": t,
+                          "work": w["uid"], "host": host.uid, "trial": w["retries"] + 1, "status": "RUNNING",
+                          "started": t, "last_alive": t})
+        ev.append({"actor": host.owner, "action": "work.transition", "object": w["uid"], "source": "PENDING",
+                   "target": "RUNNING", "detail": f"host {host.uid} task {task}"})
+        eff.running[w["owner"]] += 1
+        eff.tasks_started[task] = w["uid"]
+        rset = w["replica_of"] or (w["uid"] if w["replicas"] > 1 else None)
+        if rset:
+            eff.replica_hosts.append((rset, host.uid))
+        out.append(assignment(w, apps[w["app"]], task, plat, info))
+    conn.execute(s.tasks.insert(), task_rows)
+    c.events(conn, ev)
+    return out, eff
+
+
+def assignment(w: Mapping[str, Any], app: Mapping[str, Any], task: str, plat: str,
+               info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What a worker needs to run one work."""
+    b = app["binaries"] or {}
+    key = plat if plat in b else ("java" if "java" in b else None)
+    binary = None
+    if key:
+        binary = {**info.get(b[key], {"uid": b[key]}), "platform": key}
+
+    def d(uid: str | None) -> dict[str, Any] | None:
+        return info.get(uid, {"uid": uid}) if uid else None
+
+    return {
+        "task": task, "work": w["uid"], "owner": w["owner"], "trial": w["retries"] + 1,
+        "app": {"uid": app["uid"], "name": app["name"], "type": app["type"], "binary": binary,
+                "env": app["env"] or {}, "base_dirin": d(app["base_dirin"]), "image": d(app["image"])},
+        "args": w["args"], "env": w["env"] or {}, "stdin": d(w["stdin"]), "dirin": d(w["dirin"]),
+        "wallclock": w["wallclock"], "min_memory": w["min_memory"], "listen_ports": w["listen_ports"],
+        "forward_addresses": w["forward_addresses"], "label": w["label"],
+    }
+
+
+# -- reports ---------------------------------------------------------------------------------------------------
+
+def _task_and_work(conn: Connection, task_uid: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    task = conn.execute(sa.select(s.tasks).where(s.tasks.c.uid == task_uid)).mappings().first()
+    if task is None:
+        return None, None
+    work = conn.execute(sa.select(s.works).where(s.works.c.uid == task["work"])).mappings().first()
+    return dict(task), (dict(work) if work else None)
+
+
+def report(conn: Connection, ident: Identity, host_uid: str, reports: list[Mapping[str, Any]],
+           blob_exists: Any) -> tuple[list[dict[str, Any]], Effects]:
+    """Workers report finished tasks; each gets an outcome: done, upload (send the result), or stale."""
+    own_host(conn, ident, host_uid)
+    eff = Effects()
+    outcomes = []
+    for rep in reports:
+        task_uid = c.ref(str(rep.get("task") or ""), "task")
+        task, work = _task_and_work(conn, task_uid)
+        if task is None or task["host"] != host_uid:
+            outcomes.append({"task": task_uid, "outcome": "stale", "message": "no such task on this host"})
+            continue
+        outcomes.append(_one_report(conn, ident, task, work, rep, eff, blob_exists))
+    return outcomes, eff
+
+
+def _one_report(conn: Connection, ident: Identity, task: dict[str, Any], work: dict[str, Any] | None,
+                rep: Mapping[str, Any], eff: Effects, blob_exists: Any) -> dict[str, Any]:
+    tuid = task["uid"]
+    status = str(rep.get("status") or "COMPLETED").upper()
+    if status not in ("COMPLETED", "FAILED", "ERROR", "ABORTED"):
+        raise bad_request(f"status: {status!r} is not COMPLETED, FAILED, ERROR or ABORTED", "status")
+    result = rep.get("result")
+    sha = (result or {}).get("sha256")
+    if task["status"] != TaskStatus.RUNNING:
+        # Completion is idempotent: the same report again gets the same answer, nothing is counted twice.
+        if task["status"] == TaskStatus.COMPLETED and task["result_sha256"] == sha:
+            return {"task": tuid, "outcome": "done"}
+        if task["status"] == TaskStatus.DATAREQUEST and task["result_sha256"] == sha and work:
+            return {"task": tuid, "outcome": "upload", "result": work["result"]}
+        return {"task": tuid, "outcome": "stale", "message": f"task is {task['status']}"}
+    if work is None or work["task"] != tuid or work["status"] != W.RUNNING:
+        _end_task(conn, tuid, TaskStatus.LOST, rep, "stale attempt", eff)
+        return {"task": tuid, "outcome": "stale", "message": "the work was reassigned or removed"}
+    rc = rep.get("return_code")
+    reason = str(rep.get("reason") or "")[:2000]
+    if status == "ABORTED":
+        _end_task(conn, tuid, TaskStatus.ABORTED, rep, reason, eff)
+        move(conn, work, W.ABORTED, ident.uid, reason)
+        move(conn, work, W.PENDING, ident.uid, "rescheduled after abort", host=None, task=None)
+        eff.running[work["owner"]] -= 1
+        requeue(conn, work, eff)
+        return {"task": tuid, "outcome": "done"}
+    if status in ("FAILED", "ERROR"):
+        _end_task(conn, tuid, TaskStatus(status), rep, reason, eff)
+        move(conn, work, W(status), ident.uid, reason, return_code=rc, reason=reason)
+        eff.running[work["owner"]] -= 1
+        settle_replicas(conn, work, ident.uid)
+        return {"task": tuid, "outcome": "done"}
+    if not result:
+        _end_task(conn, tuid, TaskStatus.COMPLETED, rep, reason, eff)
+        complete(conn, work, ident.uid, rc, None, eff)
+        return {"task": tuid, "outcome": "done"}
+    try:
+        size = int(result["size"])
+        sha = str(result["sha256"]).lower()
+    except (KeyError, TypeError, ValueError):
+        raise bad_request("result: needs sha256 and size", "result") from None
+    if len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
+        raise bad_request("result.sha256: expected 64 hexadecimal characters", "result")
+    t = c.now()
+    data_uid = new_uid()
+    available = blob_exists(sha)  # same bytes already stored: no upload needed
+    conn.execute(s.datas.insert().values(
+        uid=data_uid, owner=work["owner"], access_rights=work["access_rights"], created=t, modified=t,
+        name=str(result.get("name") or f"{work['uid']}-result.zip")[:255], type=str(result.get("type") or "zip"),
+        size=size, sha256=sha, status=DataStatus.AVAILABLE if available else DataStatus.UNAVAILABLE, links=1,
+        work=work["uid"]))
+    conn.execute(s.tasks.update().where(s.tasks.c.uid == tuid).values(result_sha256=sha))
+    if available:
+        _end_task(conn, tuid, TaskStatus.COMPLETED, rep, reason, eff)
+        complete(conn, work, ident.uid, rc, data_uid, eff)
+        return {"task": tuid, "outcome": "done"}
+    conn.execute(s.tasks.update().where(s.tasks.c.uid == tuid).values(status=TaskStatus.DATAREQUEST, modified=t,
+                                                                      return_code=rc))
+    move(conn, work, W.DATAREQUEST, ident.uid, "result upload pending", result=data_uid, return_code=rc)
+    return {"task": tuid, "outcome": "upload", "result": data_uid}
+
+
+def _end_task(conn: Connection, task_uid: str, status: TaskStatus, rep: Mapping[str, Any], reason: str,
+              eff: Effects) -> None:
+    conn.execute(s.tasks.update().where(s.tasks.c.uid == task_uid).values(
+        status=status, ended=c.now(), modified=c.now(), return_code=rep.get("return_code"),
+        reason=reason or None))
+    eff.tasks_ended.append(task_uid)
+
+
+def complete(conn: Connection, work: dict[str, Any], actor: str | None, rc: int | None, result: str | None,
+             eff: Effects) -> None:
+    """The work's own run is done: COMPLETED, or REPLICATING while its replicas are still out."""
+    values: dict[str, Any] = {"return_code": rc}
+    if result is not None:
+        values["result"] = result
+    target = W.COMPLETED
+    if work["replicas"] > 1 and work["replica_of"] is None and _replicas_open(conn, work["uid"]):
+        target = W.REPLICATING
+    move(conn, work, target, actor, "", **values)
+    eff.running[work["owner"]] -= 1  # only RUNNING and DATAREQUEST works complete, both counted as running
+    settle_replicas(conn, work, actor)
+
+
+def _replicas_open(conn: Connection, master: str) -> bool:
+    return conn.execute(sa.select(sa.func.count()).select_from(s.works).where(
+        s.works.c.replica_of == master,
+        s.works.c.status.notin_([W.COMPLETED, W.ERROR, W.FAILED]))).scalar() > 0
+
+
+def settle_replicas(conn: Connection, work: Mapping[str, Any], actor: str | None) -> None:
+    """A replica ended: its master leaves REPLICATING once every replica is final."""
+    master_uid = work.get("replica_of")
+    if not master_uid:
+        return
+    master = conn.execute(sa.select(s.works).where(s.works.c.uid == master_uid)).mappings().first()
+    if master and master["status"] == W.REPLICATING and not _replicas_open(conn, master_uid):
+        move(conn, dict(master), W.COMPLETED, actor, "all replicas done")
+
+
+def requeue(conn: Connection, work: Mapping[str, Any], eff: Effects) -> None:
+    """Put a work that went back to PENDING into the scheduler's index (after commit)."""
+    app = c.load(conn, "app", work["app"])
+    seq = conn.execute(sa.select(s.works.c.id).where(s.works.c.uid == work["uid"])).scalar()
+    res = Resolver(conn, None)  # type: ignore[arg-type]
+    rset = work["replica_of"] or (work["uid"] if work["replicas"] > 1 else None)
+    eff.pending.append((work["uid"], int(seq or 0), profile_of(work, app, res.owner_group(work["owner"])),
+                        work["rank"], rset))
+
+
+def result_arrived(conn: Connection, data: Mapping[str, Any], actor: str | None, eff: Effects) -> None:
+    """A result upload became AVAILABLE: its DATAREQUEST work completes."""
+    work = conn.execute(sa.select(s.works).where(s.works.c.uid == data["work"])).mappings().first()
+    if work is None or work["result"] != data["uid"] or work["status"] != W.DATAREQUEST:
+        return
+    w = dict(work)
+    if w["task"]:
+        conn.execute(s.tasks.update().where(s.tasks.c.uid == w["task"]).values(
+            status=TaskStatus.COMPLETED, ended=c.now(), modified=c.now()))
+        eff.tasks_ended.append(w["task"])
+    complete(conn, w, actor, w["return_code"], data["uid"], eff)
+
+
+# -- the reaper ------------------------------------------------------------------------------------------------
+
+def reap(conn: Connection, cutoff: float) -> tuple[int, Effects]:
+    """Tasks silent since before ``cutoff`` are LOST; their works go back to PENDING (retry+1) or to ERROR."""
+    eff = Effects()
+    silent = conn.execute(sa.select(s.tasks.c.uid, s.tasks.c.work, s.tasks.c.host).where(
+        s.tasks.c.status.in_([TaskStatus.RUNNING, TaskStatus.DATAREQUEST]),
+        s.tasks.c.last_alive < cutoff)).all()
+    for task_uid, work_uid, host_uid in silent:
+        conn.execute(s.tasks.update().where(s.tasks.c.uid == task_uid).values(
+            status=TaskStatus.LOST, ended=c.now(), modified=c.now(), reason="alive timeout"))
+        c.event(conn, None, "task.lost", task_uid, detail=f"host {host_uid} silent")
+        eff.tasks_ended.append(task_uid)
+        row = conn.execute(sa.select(s.works).where(s.works.c.uid == work_uid)).mappings().first()
+        if row is None or row["task"] != task_uid or row["status"] not in (W.RUNNING, W.DATAREQUEST):
+            continue
+        work = dict(row)
+        eff.running[work["owner"]] -= 1
+        if work["status"] == W.DATAREQUEST and work["result"]:  # the promised result will never come
+            conn.execute(s.datas.delete().where(s.datas.c.uid == work["result"],
+                                                s.datas.c.status == DataStatus.UNAVAILABLE))
+        move(conn, work, W.LOST, None, f"alive timeout on host {host_uid}", result=None)
+        target, retries, reason = after_loss(work["retries"], work["max_retries"])
+        if target == W.ERROR:
+            move(conn, work, W.ERROR, None, reason, retries=retries, reason=reason, host=None, task=None)
+            settle_replicas(conn, work, None)
+        else:
+            move(conn, work, W.PENDING, None, reason, retries=retries, host=None, task=None)
+            requeue(conn, work, eff)
+    return len(silent), eff
+
+
+def flush_alive(conn: Connection, hosts: dict[str, float], tasks: dict[str, float]) -> None:
+    """Write the batched alive times."""
+    if hosts:
+        conn.execute(s.hosts.update().where(s.hosts.c.uid == sa.bindparam("h")).values(
+            last_alive=sa.bindparam("t")), [{"h": h, "t": t} for h, t in hosts.items()])
+    if tasks:
+        conn.execute(s.tasks.update().where(s.tasks.c.uid == sa.bindparam("k"), s.tasks.c.last_alive < sa.bindparam("t"))
+                     .values(last_alive=sa.bindparam("t")), [{"k": k, "t": t} for k, t in tasks.items()])
+
+
+def task_states(conn: Connection, host_uid: str, task_uids: list[str]) -> dict[str, dict[str, Any]]:
+    """Status, work and result of the given tasks of ``host_uid`` (alive replies use it)."""
+    if not task_uids:
+        return {}
+    q = (sa.select(s.tasks.c.uid, s.tasks.c.status, s.tasks.c.work, s.works.c.task.label("current"),
+                   s.works.c.status.label("work_status"), s.works.c.result)
+         .select_from(s.tasks.outerjoin(s.works, s.works.c.uid == s.tasks.c.work))
+         .where(s.tasks.c.uid.in_(task_uids), s.tasks.c.host == host_uid))
+    return {r["uid"]: dict(r) for r in conn.execute(q).mappings()}
+
+
+APP_TYPES_NEEDING_IMAGE = {AppType.VM, AppType.CONTAINER}

@@ -1,0 +1,46 @@
+"""What a committed transaction changes outside the database: the scheduler index, counters, blobs.
+
+Transactions collect effects; the async caller applies them only after the commit succeeded, so memory
+never runs ahead of the database.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from xwhep.core.matching import WorkProfile
+from xwhep.server.state import ServerState
+
+
+@dataclass
+class Effects:
+    pending: list[tuple[str, int, WorkProfile, str | None, str | None]] = field(default_factory=list)
+    discard: list[str] = field(default_factory=list)
+    running: Counter[str] = field(default_factory=Counter)  # owner → change in running works
+    tasks_started: dict[str, str] = field(default_factory=dict)  # task → work
+    tasks_ended: list[str] = field(default_factory=list)
+    replica_hosts: list[tuple[str, str]] = field(default_factory=list)  # (replica set, host)
+    blobs: list[str] = field(default_factory=list)  # sha256 of blobs to free
+
+    def apply(self, st: ServerState) -> None:
+        sched = st.scheduler
+        for uid in self.discard:
+            sched.discard(uid)
+        for args in self.pending:
+            sched.add(*args)
+        for owner, delta in self.running.items():
+            sched.running[owner] += delta
+            if sched.running[owner] <= 0:
+                del sched.running[owner]
+        for rset, host in self.replica_hosts:
+            sched.replica_hosts[rset].add(host)
+        live = st.liveness
+        live.active_tasks.update(self.tasks_started)
+        for task in self.tasks_ended:
+            live.active_tasks.pop(task, None)
+            live.tasks.pop(task, None)
+        for sha in self.blobs:
+            st.store.delete(sha)
+        if self.pending:
+            sched.notify()

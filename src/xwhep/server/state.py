@@ -1,0 +1,38 @@
+"""Everything a request handler needs, built once per server process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from xwhep.core.matching import HostProfile
+from xwhep.server.auth import Tokens
+from xwhep.server.config import ServerConfig
+from xwhep.server.db.engine import Database
+from xwhep.server.scheduler import Scheduler
+from xwhep.server.store import BlobStore
+
+
+@dataclass
+class Liveness:
+    """Alive times kept in memory and written to the database in batches (the alive path does no I/O)."""
+
+    hosts: dict[str, float] = field(default_factory=dict)
+    tasks: dict[str, float] = field(default_factory=dict)
+    active_tasks: dict[str, str] = field(default_factory=dict)  # task uid → work uid, running here
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    db: Database
+    store: BlobStore
+    tokens: Tokens
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    liveness: Liveness = field(default_factory=Liveness)
+    hosts: dict[str, tuple[HostProfile, int]] = field(default_factory=dict)  # uid → (profile, version)
+    started: float = 0.0
+    resync_needed: bool = False  # a claim failed mid-way: rebuild the pending index from the database
+
+    @property
+    def name(self) -> str:
+        return self.config.server_name

@@ -1,0 +1,1 @@
+"""The xwhep worker: host probe, activation policies, stage-in/stage-out, cgroups and job executors."""
