@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
 import tempfile
 import threading
 import time
@@ -85,7 +86,7 @@ class Client:
         self._token = token
         self._token_expiry = float("inf") if token else 0.0
         self._lock = threading.Lock()
-        verify: Any = ca if ca else True
+        verify: Any = ssl.create_default_context(cafile=ca) if ca else True
         if self.server.startswith("http://"):
             verify = False
         cert_arg = (cert, key) if cert and key else None
@@ -126,9 +127,9 @@ class Client:
 
     def _auth_header(self) -> dict[str, str]:
         with self._lock:
-            if self._token is None or time.monotonic() >= self._token_expiry:
-                if self.login_name and self._password is not None:
-                    self.login()
+            expired = self._token is None or time.monotonic() >= self._token_expiry
+            if expired and self.login_name and self._password is not None:
+                self.login()
             return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
     def _send(self, method: str, path: str, auth: bool = True, **kw: Any) -> httpx.Response:
@@ -187,7 +188,8 @@ class Client:
                                   "access_rights": access_rights}.items() if v is not None}
         return self._json("POST", "/datas", json=body)  # type: ignore[no-any-return]
 
-    def upload(self, ref: str, path: Path, progress: Progress | None = None, sha256: str | None = None) -> dict[str, Any]:
+    def upload(self, ref: str, path: Path, progress: Progress | None = None,
+               sha256: str | None = None) -> dict[str, Any]:
         """Stream a file as the content of data ``ref``."""
         size = path.stat().st_size
 
@@ -410,6 +412,10 @@ class Client:
         body = {k: v for k, v in {"login": login, "password": password, "level": level, "usergroup": usergroup,
                                   "email": email}.items() if v is not None}
         return self._json("POST", "/users", json=body)  # type: ignore[no-any-return]
+
+    def delete_user(self, ref: str) -> None:
+        """Remove a user (administrators; a group administrator for members of the group)."""
+        self._send("DELETE", f"/users/{uid_of(ref)}")
 
     def usergroups(self) -> list[dict[str, Any]]:
         return self._json("GET", "/usergroups")  # type: ignore[no-any-return]

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from xwhep import __version__
 from xwhep.core.model import UsageLevel, WorkStatus
-from xwhep.server.api import routes, worker
+from xwhep.server.api import models, routes, worker
 from xwhep.server.api.deps import FastJSON
 from xwhep.server.db import schema as s
 from xwhep.server.errors import ApiError
@@ -64,24 +64,30 @@ async def _too_large(limit: int, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def load_index(conn: Any) -> tuple[list[tuple[Any, ...]], dict[str, int], dict[str, str]]:
-    """Rebuild the in-memory state from the database: pending works, running counts, active tasks."""
+def load_index(conn: Any, since: float | None = None) -> tuple[list[tuple[Any, ...]], dict[str, int], dict[str, str]]:
+    """Rebuild the in-memory state from the database: pending works, running counts, active tasks.
+
+    With ``since``, only works that became PENDING from then on (what other server processes queued).
+    """
     apps = {a["uid"]: dict(a) for a in conn.execute(sa.select(s.apps)).mappings()}
     res = Resolver(conn, None)  # type: ignore[arg-type]
     pending = []
-    for w in conn.execute(sa.select(s.works).where(s.works.c.status == WorkStatus.PENDING)
-                          .order_by(s.works.c.id)).mappings():
+    q = sa.select(s.works).where(s.works.c.status == WorkStatus.PENDING)
+    if since is not None:
+        q = q.where(s.works.c.pending_since >= since)
+    for w in conn.execute(q.order_by(s.works.c.id)).mappings():
         rset = w["replica_of"] or (w["uid"] if w["replicas"] > 1 else None)
         pending.append((w["uid"], w["id"], profile_of(w, apps[w["app"]], res.owner_group(w["owner"])),
                         w["rank"], rset))
     running = dict(conn.execute(sa.select(s.works.c.owner, sa.func.count()).where(
         s.works.c.status.in_([WorkStatus.RUNNING, WorkStatus.DATAREQUEST])).group_by(s.works.c.owner)).all())
-    active = dict(conn.execute(sa.select(s.tasks.c.uid, s.tasks.c.work).where(s.tasks.c.status == "RUNNING")).all())
+    active = {} if since is not None else dict(
+        conn.execute(sa.select(s.tasks.c.uid, s.tasks.c.work).where(s.tasks.c.status == "RUNNING")).all())
     return pending, running, active
 
 
-async def rebuild(st: ServerState) -> None:
-    pending, running, active = await st.db.run(load_index)
+async def rebuild(st: ServerState, since: float | None = None) -> None:
+    pending, running, active = await st.db.run(load_index, since)
     for args in pending:
         st.scheduler.add(*args)
     st.scheduler.running.clear()
@@ -108,9 +114,11 @@ async def housekeeping(st: ServerState) -> None:
                 eff.apply(st)
                 if n:
                     log.info("reaper: %d silent task(s) lost", n)
-            if st.resync_needed or not st.db.is_sqlite:
+            if st.resync_needed:
                 st.resync_needed = False
                 await rebuild(st)
+            elif not st.db.is_sqlite:  # other server processes may share the database
+                await rebuild(st, since=time.time() - 10 * cfg.flush_period)
         except asyncio.CancelledError:
             raise
         except Exception:  # keep the loop alive; the next round retries
@@ -149,11 +157,13 @@ def create_app(st: ServerState) -> FastAPI:
     async def invalid(_: Request, exc: RequestValidationError) -> FastJSON:
         errors = exc.errors()
         first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path") and p not in MODEL_NAMES]
         field = ".".join(loc) or None
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             msg, field = "request body is not valid JSON", "body"
+        elif first.get("type") in ("model_attributes_type", "dict_type") and not loc:
+            msg, field = "request body must be a JSON object", "body"
         return FastJSON({"error": f"{field}: {msg}" if field else msg, "field": field,
                          "details": [{"field": ".".join(str(p) for p in e.get("loc", ())), "error": e.get("msg")}
                                      for e in errors[:20]]}, status_code=400)
@@ -167,3 +177,4 @@ def create_app(st: ServerState) -> FastAPI:
 
 
 LEVEL_ADMIN = UsageLevel.SUPER_USER
+MODEL_NAMES = frozenset(name for name, obj in vars(models).items() if isinstance(obj, type))

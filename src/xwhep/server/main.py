@@ -43,7 +43,7 @@ def serve(cfg: ServerConfig) -> None:
     kwargs = {}
     if material is not None:
         kwargs = {"ssl_certfile": str(material.cert), "ssl_keyfile": str(material.key)}
-    uv = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=75,
+    uv = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=75, timeout_graceful_shutdown=2,
                         backlog=2048, **kwargs)  # type: ignore[arg-type]
     server = uvicorn.Server(uv)
 

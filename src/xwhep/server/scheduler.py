@@ -124,6 +124,7 @@ class Scheduler:
         taken: list[str] = []
         skipped: list[tuple[MatchClass, tuple[int, str]]] = []
         extra: Counter[str] = Counter()
+        sets_taken: set[str] = set()
         while len(taken) < k and owners:
             owner = min(owners, key=lambda o: (self.running[o] + extra[o],
                                                min(self._head(c) or 0 for _, c in owners[o])))
@@ -137,9 +138,12 @@ class Scheduler:
                 continue
             item = heapq.heappop(cls.heap)
             entry = self._entries[item[1]]
-            if entry.replica_set and host.uid in self.replica_hosts.get(entry.replica_set, ()):
+            rset = entry.replica_set
+            if rset and (rset in sets_taken or host.uid in self.replica_hosts.get(rset, ())):
                 skipped.append((cls, item))  # replicas of one work go to distinct hosts
                 continue
+            if rset:
+                sets_taken.add(rset)
             del self._entries[item[1]]
             taken.append(item[1])
             extra[owner] += 1

@@ -7,7 +7,9 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.responses import FileResponse
 from starlette.requests import ClientDisconnect
 
@@ -75,12 +77,19 @@ async def me(ident: Ident, st: St) -> FastJSON:
 # -- works -------------------------------------------------------------------------------------------------------
 
 @router.post("/works", status_code=201)
-async def submit(body: WorkSpec | Bag, ident: Ident, st: St) -> FastJSON:
-    """Submit one work, or a bag ``{"works": [...]}`` of up to 10,000 in one transaction."""
-    specs = [dump(w) for w in body.works] if isinstance(body, Bag) else [dump(body)]
+async def submit(body: Annotated[dict[str, Any], Body()], ident: Ident, st: St) -> FastJSON:
+    """Submit one work (a WorkSpec), or a bag ``{"works": [WorkSpec, ...]}`` of up to 10,000 in one transaction."""
+    if isinstance(body.get("works"), list) and len(body["works"]) > st.config.max_bag:
+        raise ApiError(413, f"works: {len(body['works'])} works in one request, at most {st.config.max_bag}", "works")
+    try:
+        parsed: WorkSpec | Bag = Bag.model_validate(body) if "works" in body else WorkSpec.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    body_is_bag = isinstance(parsed, Bag)
+    specs = [dump(w) for w in parsed.works] if isinstance(parsed, Bag) else [dump(parsed)]
     out, eff = await st.db.run(works.submit, ident, specs, st.name, st.config.max_bag)
     eff.apply(st)
-    return FastJSON({"works": out} if isinstance(body, Bag) else out[0], status_code=201)
+    return FastJSON({"works": out} if body_is_bag else out[0], status_code=201)
 
 
 @router.get("/works")

@@ -26,11 +26,11 @@ from xwhep.server.services.works import Resolver, profile_of
 W = WorkStatus
 
 
-def move(conn: Connection, work: dict[str, Any], target: WorkStatus, actor: str | None, reason: str = "",
+def move(conn: Connection, work: dict[str, Any], target: WorkStatus, actor: str | None, note: str = "",
          **values: Any) -> None:
     """Change a work's status along the graph (compare-and-set on the current status) and log the event."""
     source = WorkStatus(work["status"])
-    transition(source, target, reason)
+    transition(source, target, note)
     t = c.now()
     values.setdefault("modified", t)
     if target == W.PENDING:
@@ -41,7 +41,7 @@ def move(conn: Connection, work: dict[str, Any], target: WorkStatus, actor: str 
                      .values(status=target, **values))
     if r.rowcount != 1:
         raise ApiError(409, f"work {work['uid']} changed concurrently (expected {source})", "status")
-    c.event(conn, actor, "work.transition", work["uid"], source, target, reason or None)
+    c.event(conn, actor, "work.transition", work["uid"], source, target, note or None)
     work.update(values, status=target)
 
 

@@ -1,0 +1,3 @@
+from xwhep.server.cli import main
+
+main()

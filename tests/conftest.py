@@ -1,0 +1,75 @@
+"""Shared fixtures. Keep each group in its own section, with the reason it is shared."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pgserver
+import pytest
+from cluster import ServerProc
+
+# --- PostgreSQL ----------------------------------------------------------------------------------------------------
+# One real server per test session (about a second to start); each test that wants a database gets a fresh one.
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.fixture(scope="session")
+def pg_url_base() -> Iterator[str]:
+    """``postgresql+psycopg://postgres@127.0.0.1:PORT`` of a throwaway server (no database in the URL).
+
+    Without PostgreSQL installed the tests that use it skip locally but fail in CI, where .ci/run installs it.
+    """
+    try:
+        server = pgserver.start()
+    except pgserver.PostgresUnavailable as exc:
+        if _in_ci():
+            pytest.fail(f"PostgreSQL is required in CI: {exc}", pytrace=False)
+        pytest.skip(str(exc))
+    try:
+        yield server.url_base
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_url_base: str) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh, empty database for this test only (dropped afterwards)."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    url = pgserver.create_database(pg_url_base, name)
+    try:
+        yield url
+    finally:
+        pgserver.drop_database(pg_url_base, name)
+
+
+# --- Server processes ----------------------------------------------------------------------------------------------
+# End-to-end tests run real server processes (tests/cluster.py); these fixtures start them on either database.
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest) -> str | None:
+    """None for the embedded SQLite default, or the URL of a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture
+def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProc]]:
+    """Start servers with given options; all are stopped at the end of the test."""
+    started: list[ServerProc] = []
+
+    def make(db: str | None = None, args: list[str] | None = None) -> ServerProc:
+        srv = ServerProc(home=tmp_path_factory.mktemp("server"), db=db, args=args or []).start()
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()
