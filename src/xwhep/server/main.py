@@ -29,6 +29,21 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also releases long-polling workers at once when asked to exit."""
+
+    def __init__(self, config: uvicorn.Config, st: ServerState) -> None:
+        super().__init__(config)
+        self.st = st
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        try:
+            asyncio.get_running_loop().call_soon_threadsafe(self.st.scheduler.close)
+        except RuntimeError:
+            pass
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+
 def serve(cfg: ServerConfig) -> None:
     """Run the server until interrupted. Prints one ``ready`` line with the URL once it accepts requests."""
     logging.basicConfig(level=os.environ.get("XW_LOG", "WARNING"), format="%(asctime)s %(name)s %(message)s")
@@ -45,7 +60,7 @@ def serve(cfg: ServerConfig) -> None:
         kwargs = {"ssl_certfile": str(material.cert), "ssl_keyfile": str(material.key)}
     uv = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=75, timeout_graceful_shutdown=2,
                         backlog=2048, **kwargs)  # type: ignore[arg-type]
-    server = uvicorn.Server(uv)
+    server = _Server(uv, st)
 
     async def run() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))

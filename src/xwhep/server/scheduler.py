@@ -45,6 +45,7 @@ class Scheduler:
         self.replica_hosts: defaultdict[str, set[str]] = defaultdict(set)
         self._event = asyncio.Event()
         self._next_cid = 0
+        self.closing = False
 
     # -- index maintenance ----------------------------------------------------------------------------------
     def add(self, uid: str, seq: int, profile: WorkProfile, rank: str | None, replica_set: str | None) -> None:
@@ -65,6 +66,11 @@ class Scheduler:
         """A work left PENDING some other way (deleted, cancelled): forget it lazily."""
         self._entries.pop(uid, None)
 
+    def close(self) -> None:
+        """The server is shutting down: long-polls return at once from now on."""
+        self.closing = True
+        self.notify()
+
     def notify(self) -> None:
         """Wake every long-polling request."""
         ev, self._event = self._event, asyncio.Event()
@@ -72,6 +78,8 @@ class Scheduler:
 
     async def wait(self, timeout: float) -> None:
         """Wait until new works arrive or ``timeout`` passes."""
+        if self.closing:
+            return
         ev = self._event
         try:
             await asyncio.wait_for(ev.wait(), timeout)

@@ -137,10 +137,10 @@ def discover(
             mp = Path(mountpoint)
             own_dir = mp / rel.lstrip("/")
             try:
-                ctrls = frozenset(_read(own_dir / "cgroup.controllers").split())
+                available = frozenset(_read(own_dir / "cgroup.controllers").split())
             except OSError:
                 continue
-            result.append(Hierarchy(2, ctrls, mp, rel))
+            result.append(Hierarchy(2, available, mp, rel))
             seen.add(mountpoint)
         else:
             names = [o for o in opts.split(",") if o in own_v1]
@@ -353,6 +353,8 @@ class JobCgroup:
         Where possible the job is frozen first (v1 freezer or v2 ``cgroup.freeze``), so a process cannot fork
         between the listing and the kill; v2 ``cgroup.kill`` does it atomically in the kernel.
         """
+        if not self.pids():  # the usual case after a normal exit: nothing to freeze or kill
+            return True
         deadline = time.monotonic() + timeout
         killed_by_kernel = False
         for h, d in self._dirs.items():

@@ -19,10 +19,12 @@ import hashlib
 import os
 import shutil
 import stat
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = ["PackedResult", "PackingError", "Snapshot", "pack_results", "snapshot"]
 
@@ -62,8 +64,30 @@ def _walk(jobdir: Path) -> dict[str, os.stat_result]:
 
 
 def snapshot(jobdir: Path) -> Snapshot:
-    """Record every file of ``jobdir`` (take it right after stage-in): relpath → (size, mtime_ns, inode)."""
-    return {rel: (st.st_size, st.st_mtime_ns, st.st_ino) for rel, st in _walk(jobdir).items()}
+    """Record every file of ``jobdir`` (take it right after stage-in): relpath → (size, mtime_ns, inode).
+
+    Returns only once the filesystem clock has moved past the newest recorded mtime, so that a file rewritten
+    right after (same size, same timestamp tick) still shows a different mtime (git's "racy" entries problem;
+    file timestamps advance in coarse ticks of a few ms). Costs at most one tick, and only after a fresh stage-in.
+    """
+    snap = {rel: (st.st_size, st.st_mtime_ns, st.st_ino) for rel, st in _walk(jobdir).items()}
+    if snap:
+        _wait_fs_clock_past(jobdir, max(v[1] for v in snap.values()))
+    return snap
+
+
+def _wait_fs_clock_past(d: Path, mtime_ns: int, timeout: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fd, probe = tempfile.mkstemp(dir=d, prefix=".xw-clock-")
+        try:
+            now_ns = os.fstat(fd).st_mtime_ns
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        if now_ns > mtime_ns:
+            return
+        time.sleep(0.001)  # the filesystem clock has no event to wait on; one tick is a few ms
 
 
 def _inside(root: Path, target: Path) -> bool:
@@ -120,6 +144,13 @@ def _zip_time(mtime: float) -> tuple[int, int, int, int, int, int]:
     return (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
 
 
+def _open_member(name: str, path: Path) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise PackingError(f"{name}: cannot read the result file: {e.strerror}") from e
+
+
 def pack_results(
     jobdir: Path, before_snapshot: Snapshot, stdout_path: Path | None, stderr_path: Path | None, out_path: Path
 ) -> PackedResult | None:
@@ -127,8 +158,12 @@ def pack_results(
 
     Members are the new/modified files of ``jobdir`` (relative paths, sorted) followed by ``stdout.txt`` and
     ``stderr.txt`` when non-empty. With exactly one member, ``out_path`` receives that file as is (``zipped`` is
-    False); otherwise a zip in that order. Raises :class:`PackingError` for a symlink leading out of ``jobdir``.
+    False); otherwise a zip in that order. Raises :class:`PackingError` for a symlink leading out of ``jobdir`` or
+    an unreadable result file; ``out_path`` must lie outside ``jobdir``.
     """
+    root = jobdir.resolve()
+    if _inside(root, out_path.resolve()):
+        raise ValueError(f"the result {out_path} must be written outside the job dir {jobdir}")
     members = _select(jobdir, before_snapshot)
     taken = {name for name, _ in members}
     for wanted, p in (("stdout.txt", stdout_path), ("stderr.txt", stderr_path)):
@@ -143,19 +178,20 @@ def pack_results(
     tmp = out_path.with_name(f".{out_path.name}.part")
     try:
         if len(members) == 1:
-            with open(members[0][1], "rb") as src, open(tmp, "wb") as dst:
+            with _open_member(*members[0]) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, _CHUNK)
             zipped = False
         else:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
                 for name, src_path in members:
-                    st = os.stat(src_path)
-                    info = zipfile.ZipInfo(name, date_time=_zip_time(st.st_mtime))
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    info.external_attr = ((0o755 if st.st_mode & 0o111 else 0o644) | stat.S_IFREG) << 16
-                    info.file_size = st.st_size  # lets zipfile pick zip64 up front for big members
-                    with open(src_path, "rb") as src, zf.open(info, "w", force_zip64=st.st_size > 0x7FFFFFFF) as dst:
-                        shutil.copyfileobj(src, dst, _CHUNK)
+                    with _open_member(name, src_path) as src:
+                        st = os.fstat(src.fileno())
+                        info = zipfile.ZipInfo(name, date_time=_zip_time(st.st_mtime))
+                        info.compress_type = zipfile.ZIP_DEFLATED
+                        info.external_attr = ((0o755 if st.st_mode & 0o111 else 0o644) | stat.S_IFREG) << 16
+                        info.file_size = st.st_size  # lets zipfile pick zip64 up front for big members
+                        with zf.open(info, "w", force_zip64=st.st_size > 0x7FFFFFFF) as dst:
+                            shutil.copyfileobj(src, dst, _CHUNK)
             zipped = True
         os.replace(tmp, out_path)
     finally:

@@ -225,12 +225,12 @@ class BlobCache:
             yield
 
     @contextlib.contextmanager
-    def use(self, sha256: str, size: int | None, fetch: Callable[[Path], None]) -> Iterator[Path]:
+    def use(self, sha256: str, size: int | None, fetch: Callable[[Path], object]) -> Iterator[Path]:
         """:meth:`get_or_fetch` and keep the blob pinned until the block ends."""
         with self.pinned(sha256):
             yield self.get_or_fetch(sha256, size, fetch)
 
-    def get_or_fetch(self, sha256: str, size: int | None, fetch: Callable[[Path], None]) -> Path:
+    def get_or_fetch(self, sha256: str, size: int | None, fetch: Callable[[Path], object]) -> Path:
         """Path of blob ``sha256``, calling ``fetch(tmp_path)`` to download it if it is not cached yet.
 
         ``fetch`` must write the blob's bytes to the path it is given. The result is refused with
@@ -293,7 +293,7 @@ class BlobCache:
         with _flocked(path, fcntl.LOCK_EX):
             yield
 
-    def _download(self, sha: str, size: int | None, fetch: Callable[[Path], None], final: Path) -> None:
+    def _download(self, sha: str, size: int | None, fetch: Callable[[Path], object], final: Path) -> None:
         tmp = self._tmp / f"{sha}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
         try:
             fetch(tmp)

@@ -76,7 +76,7 @@ async def request_works(uid: str, body: RequestIn, ident: Ident, st: St) -> Fast
             if out:
                 return FastJSON({"works": out})
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or st.scheduler.closing:
             return FastJSON({"works": []})
         await st.scheduler.wait(remaining)
 

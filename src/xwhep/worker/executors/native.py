@@ -119,10 +119,10 @@ def _validate(spec: JobSpec) -> None:
     if not spec.jobdir.is_dir():
         raise ExecutorError(f"job dir {spec.jobdir} does not exist")
     job = spec.jobdir.resolve()
-    spec.logdir.mkdir(parents=True, exist_ok=True)
     log = spec.logdir.resolve()
     if log == job or job in log.parents:
         raise ExecutorError(f"log dir {spec.logdir} must be outside the job dir {spec.jobdir}")
+    spec.logdir.mkdir(parents=True, exist_ok=True)
     if spec.stdin is not None and not spec.stdin.is_file():
         raise ExecutorError(f"stdin file {spec.stdin} does not exist")
     if spec.unix_socket_dir is not None and not spec.unix_socket_dir.is_dir():
@@ -237,6 +237,8 @@ class NativeJob:
         with self._lock:
             if self._done.is_set() or self._proc is None or self._proc.returncode is not None:
                 return
+            if self._pidfd is not None and select.select([self._pidfd], [], [], 0)[0]:
+                return  # the job has just ended by itself: its own outcome stands
             if self._stop_reason is None and not self._timed_out:
                 self._stop_reason = reason
         self._kill_tree()

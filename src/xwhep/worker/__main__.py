@@ -1,0 +1,3 @@
+from xwhep.worker.cli import main
+
+main()

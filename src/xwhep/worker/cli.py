@@ -1,0 +1,102 @@
+"""``xw worker`` / ``xwworker``: run a worker, or show what a running worker does and why it is idle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from xwhep.client.config import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, help="The xwhep worker (volunteer tier).")
+
+
+@app.command("run")
+def run_cmd(
+    config: Annotated[Path | None, typer.Option("--config", "--xwconfig", help="Worker config (TOML)")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Work directory (cache, jobs, spool)")] = None,
+    pool: Annotated[int | None, typer.Option(help="Concurrent jobs (default: cores)")] = None,
+    incoming_connections: Annotated[bool | None, typer.Option("--incoming-connections/--no-incoming-connections",
+                                                              help="Accept works with listen ports")] = None,
+) -> None:
+    """Register with the server and run jobs until interrupted."""
+    from xwhep.worker.config import load_worker_config
+    from xwhep.worker.daemon import Worker
+
+    logging.basicConfig(level=os.environ.get("XW_LOG", "WARNING"), format="%(asctime)s %(name)s %(message)s")
+    cfg = load_worker_config(config, workdir, pool, incoming_connections)
+    worker = Worker(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: worker.shutdown())
+    signal.signal(signal.SIGINT, lambda *_: worker.shutdown())
+    print(f"xwhep worker started (workdir {cfg.workdir}, pool {cfg.pool})", flush=True)
+    worker.run()
+
+
+@app.command("status")
+def status_cmd(
+    workdir: Annotated[Path | None, typer.Option(help="The worker's work directory")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "--xwconfig", help="Worker config")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the raw status")] = False,
+) -> None:
+    """What the worker runs now, and why it is idle."""
+    if workdir is None:
+        from xwhep.worker.config import load_worker_config
+
+        workdir = load_worker_config(config).workdir
+    path = workdir / "status.json"
+    if not path.exists():
+        raise ConfigError(f"no worker status in {workdir} (is a worker running there?)")
+    st = json.loads(path.read_text())
+    alive = _pid_alive(st.get("pid"))
+    if json_out:
+        print(json.dumps({**st, "process_alive": alive}, indent=2))
+        return
+    print(f"host {st['host']} on {st['server']} — {'running' if alive else 'NOT RUNNING'} (pid {st['pid']}), "
+          f"{'active' if st['active'] else 'inactive'}, pool {st['pool']}")
+    for j in st["running"]:
+        print(f"  {j['phase']:<10} work {j['work']}  app {j['app']}  for {time.time() - j['started']:.0f} s")
+    if not st["running"]:
+        print(f"  idle: {st['idle_reason']}")
+    if st["results_pending"]:
+        print(f"  {st['results_pending']} result(s) waiting for the server")
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``xwworker [run] OPTIONS`` or ``xwworker status``; errors are one line, never a traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or (args[0].startswith("-") and args[0] not in ("--help", "-h")):
+        args = ["run", *args]
+    try:
+        app(args=args, prog_name="xwworker", standalone_mode=False)
+    except ConfigError as exc:
+        print(f"xwworker: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and anything else: one readable line
+        import click
+
+        if isinstance(exc, click.ClickException):
+            print(f"xwworker: error: {exc.format_message()}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        print(f"xwworker: error: {exc}", file=sys.stderr)
+        sys.exit(1)
