@@ -7,4 +7,13 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+__all__ = ["Client", "XwError", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    # The SDK is imported on first use only, so that the pure core never drags the HTTP stack in.
+    if name in ("Client", "XwError"):
+        from xwhep.client import sdk
+
+        return getattr(sdk, name)
+    raise AttributeError(name)

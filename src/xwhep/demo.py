@@ -44,7 +44,8 @@ def main() -> int:
             else:
                 print("demo: the server did not start", file=sys.stderr)
                 return 1
-            worker = subprocess.Popen([sys.executable, "-m", "xwhep.worker", "--config", str(d / "server" / "worker.conf"),
+            worker = subprocess.Popen([sys.executable, "-m", "xwhep.worker",
+                                       "--config", str(d / "server" / "worker.conf"),
                                        "--workdir", str(d / "worker"), "--pool", "1"])
             admin = Client.from_config(d / "server" / "admin.conf")
             prog = d / "hello.sh"

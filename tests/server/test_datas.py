@@ -14,7 +14,7 @@ import psutil
 import pytest
 from cluster import ServerProc
 
-from xwhep.client import Client, XwError
+from xwhep.client import XwError
 
 
 @pytest.fixture(scope="module")

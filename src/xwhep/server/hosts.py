@@ -49,8 +49,8 @@ async def lookup(st: ServerState, ident: Identity, uid: str) -> tuple[HostProfil
 async def all_profiles(st: ServerState) -> list[HostProfile]:
     """Every registered host (for ``why``)."""
     def load(conn: Any) -> list[HostProfile]:
-        q = sa.select(s.hosts, s.users.c.level.label("owner_level"), s.users.c.usergroup.label("owner_grp")).select_from(
-            s.hosts.outerjoin(s.users, s.users.c.uid == s.hosts.c.owner))
+        cols = (s.hosts, s.users.c.level.label("owner_level"), s.users.c.usergroup.label("owner_grp"))
+        q = sa.select(*cols).select_from(s.hosts.outerjoin(s.users, s.users.c.uid == s.hosts.c.owner))
         return [host_profile(r, UsageLevel[r["owner_level"] or "WORKER_USER"], r["owner_grp"])
                 for r in conn.execute(q).mappings()]
 

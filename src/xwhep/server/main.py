@@ -58,7 +58,8 @@ def serve(cfg: ServerConfig) -> None:
     kwargs = {}
     if material is not None:
         kwargs = {"ssl_certfile": str(material.cert), "ssl_keyfile": str(material.key)}
-    uv = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=75, timeout_graceful_shutdown=2,
+    uv = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=75,
+                        timeout_graceful_shutdown=2,
                         backlog=2048, **kwargs)  # type: ignore[arg-type]
     server = _Server(uv, st)
 
@@ -69,7 +70,8 @@ def serve(cfg: ServerConfig) -> None:
                 await task
                 return
             await asyncio.sleep(0.01)  # uvicorn offers no "started" event; this only gates the ready line
-        info = {"url": url, "pid": os.getpid(), "home": str(cfg.home), "ca": str(material.ca_pem) if material else None}
+        ca = str(material.ca_pem) if material else None
+        info = {"url": url, "pid": os.getpid(), "home": str(cfg.home), "ca": ca}
         (cfg.home / "server.json").write_text(json.dumps(info))
         print(f"xwhep server ready at {url} (home {cfg.home})", flush=True)
         await task

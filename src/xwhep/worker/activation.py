@@ -35,6 +35,7 @@ __all__ = [
     "AllOf",
     "Always",
     "CpuLoad",
+    "PauseFile",
     "Policy",
     "TimeWindows",
     "UserIdle",
@@ -358,7 +359,19 @@ class AllOf:
         return f"AllOf({self.policies!r})"
 
 
-_KEYS = {"policy", "time_windows", "cpu_load_max", "idle_min_s", "cpu_interval_s"}
+_KEYS = {"policy", "time_windows", "cpu_load_max", "idle_min_s", "cpu_interval_s", "pause_file"}
+
+
+class PauseFile:
+    """The volunteer's own switch: inactive while ``path`` exists (``touch`` it to pause, remove it to resume)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path).expanduser()
+
+    def is_active(self, now: datetime | None = None) -> tuple[bool, str]:
+        if self.path.exists():
+            return False, f"paused by {self.path}"
+        return True, f"no pause file {self.path}"
 
 
 def parse_policy(config: dict[str, Any]) -> Policy:
@@ -400,6 +413,11 @@ def parse_policy(config: dict[str, Any]) -> Policy:
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise ValueError("activation: idle_min_s must be a number (seconds)")
         parts.append(UserIdle(float(v)))
+    if "pause_file" in config:
+        v = config["pause_file"]
+        if not isinstance(v, str) or not v:
+            raise ValueError("activation: pause_file must be a path")
+        parts.append(PauseFile(Path(v)))
     if not parts:
         return Always()
     return parts[0] if len(parts) == 1 else AllOf(parts)

@@ -9,8 +9,8 @@ import anyio.to_thread
 import sqlalchemy as sa
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from fastapi.responses import FileResponse
+from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from xwhep import __version__
@@ -349,7 +349,7 @@ async def list_events(ident: Ident, st: St, object: str | None = None,
         q = sa.select(s.events).order_by(s.events.c.id.desc()).limit(limit)
         if object:
             uid = c.ref(object, "object")
-            kind, row = _find(conn, uid)
+            _, row = _find(conn, uid)
             if not c.allowed(conn, ident, Action.READ, row):
                 raise ApiError(404, f"no object {uid}")
             q = q.where(s.events.c.object == uid)

@@ -84,7 +84,8 @@ def check_upload(conn: Connection, ident: Identity, uid: str) -> dict[str, Any]:
         if row["work"]:
             owner = conn.execute(
                 sa.select(s.hosts.c.owner).select_from(
-                    s.works.join(s.tasks, s.tasks.c.uid == s.works.c.task).join(s.hosts, s.hosts.c.uid == s.tasks.c.host))
+                    s.works.join(s.tasks, s.tasks.c.uid == s.works.c.task)
+                    .join(s.hosts, s.hosts.c.uid == s.tasks.c.host))
                 .where(s.works.c.uid == row["work"], s.works.c.result == uid)).scalar()
             ok = owner == ident.uid
         if not ok:
@@ -152,17 +153,16 @@ def check_download(conn: Connection, ident: Identity, uid: str) -> dict[str, Any
 
 def _needed_by_worker(conn: Connection, ident: Identity, uid: str) -> bool:
     q = (sa.select(s.works.c.stdin, s.works.c.dirin, s.works.c.app)
-         .select_from(s.tasks.join(s.works, s.works.c.uid == s.tasks.c.work).join(s.hosts, s.hosts.c.uid == s.tasks.c.host))
+         .select_from(s.tasks.join(s.works, s.works.c.uid == s.tasks.c.work)
+                      .join(s.hosts, s.hosts.c.uid == s.tasks.c.host))
          .where(s.hosts.c.owner == ident.uid, s.tasks.c.status == TaskStatus.RUNNING))
     apps = set()
     for stdin, dirin, app in conn.execute(q):
         if uid in (stdin, dirin):
             return True
         apps.add(app)
-    for a in conn.execute(sa.select(s.apps).where(s.apps.c.uid.in_(apps))).mappings():
-        if uid in app_datas(a):
-            return True
-    return False
+    rows = conn.execute(sa.select(s.apps).where(s.apps.c.uid.in_(apps))).mappings()
+    return any(uid in app_datas(a) for a in rows)
 
 
 def listing(conn: Connection, ident: Identity, server: str, limit: int = 1000, after: str = "") -> list[dict[str, Any]]:

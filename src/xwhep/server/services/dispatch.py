@@ -363,8 +363,8 @@ def flush_alive(conn: Connection, hosts: dict[str, float], tasks: dict[str, floa
         conn.execute(s.hosts.update().where(s.hosts.c.uid == sa.bindparam("h")).values(
             last_alive=sa.bindparam("t")), [{"h": h, "t": t} for h, t in hosts.items()])
     if tasks:
-        conn.execute(s.tasks.update().where(s.tasks.c.uid == sa.bindparam("k"), s.tasks.c.last_alive < sa.bindparam("t"))
-                     .values(last_alive=sa.bindparam("t")), [{"k": k, "t": t} for k, t in tasks.items()])
+        stmt = s.tasks.update().where(s.tasks.c.uid == sa.bindparam("k"), s.tasks.c.last_alive < sa.bindparam("t"))
+        conn.execute(stmt.values(last_alive=sa.bindparam("t")), [{"k": k, "t": t} for k, t in tasks.items()])
 
 
 def task_states(conn: Connection, host_uid: str, task_uids: list[str]) -> dict[str, dict[str, Any]]:

@@ -44,7 +44,8 @@ def create_user(conn: Connection, ident: Identity | None, spec: dict[str, Any], 
     uid = new_uid()
     conn.execute(s.users.insert().values(
         uid=uid, owner=ident.uid if ident else uid, access_rights=0x700, created=t, modified=t, login=login,
-        password_hash=spec.get("password_hash") or (hash_password(password) if password else None), level=level.name, usergroup=group,
+        password_hash=spec.get("password_hash") or (hash_password(password) if password else None),
+        level=level.name, usergroup=group,
         email=spec.get("email"), x509_dn=spec.get("x509_dn"), oidc_subject=spec.get("oidc_subject")))
     c.event(conn, ident.uid if ident else None, "user.create", uid, detail=f"{login} {level.name}")
     return c.render(c.load(conn, "user", uid), server)
