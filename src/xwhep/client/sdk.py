@@ -266,7 +266,7 @@ class Client:
         return dest
 
     # -- apps ----------------------------------------------------------------------------------------------------
-    def put_app(self, name: str, type: str = "DEPLOYABLE", binaries: dict[str, str | os.PathLike[str]] | None = None,
+    def put_app(self, name: str, type: str | None = None, binaries: dict[str, str | os.PathLike[str]] | None = None,
                 progress: Progress | None = None, **settings: Any) -> dict[str, Any]:
         """Register an app (or add binaries to it). Binary values are files (uploaded) or data uids/URIs."""
         bins: dict[str, str] = {}
@@ -275,7 +275,7 @@ class Client:
         for key in ("default_stdin", "default_dirin", "base_dirin", "image"):
             if settings.get(key) is not None:
                 settings[key] = self._data_ref(settings[key], progress)
-        body = {"name": name, "type": type, "binaries": bins,
+        body = {"name": name, "binaries": bins, **({"type": type} if type else {}),
                 **{k: v for k, v in settings.items() if v is not None}}
         return self._json("POST", "/apps", json=body)  # type: ignore[no-any-return]
 

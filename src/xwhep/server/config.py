@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -21,6 +23,22 @@ class ServerConfig:
     max_bag: int = 10_000  # works per bulk submission
     max_json_body: int = 64 * 1024 * 1024
     public_name: str | None = None  # host[:port] used in xw:// URIs; default host:port
+    # Security settings, usually from HOME/server.toml (see load_settings):
+    oidc: list[dict[str, Any]] = field(default_factory=list)  # [[oidc]] issuer, audience, client_id, …
+    delegated_registration: bool = False  # a valid but unknown X.509 certificate creates a STANDARD_USER
+    login_rate: tuple[int, float] = (5, 60.0)  # failed logins allowed per account/address per window (s)
+
+    def load_settings(self) -> None:
+        """Read HOME/server.toml if present (security settings a person edits by hand)."""
+        path = self.home / "server.toml"
+        if not path.exists():
+            return
+        data = tomllib.loads(path.read_text())
+        self.oidc = list(data.get("oidc", [])) or self.oidc
+        self.delegated_registration = bool(data.get("delegated_registration", self.delegated_registration))
+        rate = data.get("login_rate")
+        if rate:
+            self.login_rate = (int(rate["failures"]), float(rate["window_s"]))
 
     @property
     def database_url(self) -> str:

@@ -53,11 +53,12 @@ def put(conn: Connection, ident: Identity, spec: dict[str, Any], server: str) ->
     name = spec.get("name")
     if not name or not isinstance(name, str) or len(name) > 255:
         raise bad_request("name: required, at most 255 characters", "name")
+    existing = conn.execute(sa.select(s.apps).where(s.apps.c.name == name)).mappings().first()
+    default_type = existing["type"] if existing else "DEPLOYABLE"  # an update keeps the type unless told
     try:
-        atype = AppType(str(spec.get("type") or "DEPLOYABLE").upper())
+        atype = AppType(str(spec.get("type") or default_type).upper())
     except ValueError:
         raise bad_request(f"type: {spec.get('type')!r} is not DEPLOYABLE, SHARED, VM or CONTAINER", "type") from None
-    existing = conn.execute(sa.select(s.apps).where(s.apps.c.name == name)).mappings().first()
     if existing is not None and not c.allowed(conn, ident, Action.WRITE, existing):
         raise conflict(f"name: an app named {name!r} already exists", "name")
     bins = dict(existing["binaries"]) if existing else {}
