@@ -151,7 +151,7 @@ def create_app(st: ServerState) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> FastJSON:
-        return FastJSON({"error": exc.message, "field": exc.field}, status_code=exc.status)
+        return FastJSON({"error": exc.message, "field": exc.field}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> FastJSON:

@@ -6,11 +6,13 @@ from __future__ import annotations
 class ApiError(Exception):
     """Raised anywhere in the server; rendered as ``{"error": message, "field": field}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
+        self.headers = headers
 
 
 def bad_request(message: str, field: str | None = None) -> ApiError:

@@ -15,6 +15,7 @@ from xwhep.server.app import create_app
 from xwhep.server.auth import Tokens
 from xwhep.server.config import ServerConfig
 from xwhep.server.home import initialize, secret
+from xwhep.server.ratelimit import FailureLimiter
 from xwhep.server.state import ServerState
 from xwhep.server.store import BlobStore
 
@@ -47,13 +48,16 @@ class _Server(uvicorn.Server):
 def serve(cfg: ServerConfig) -> None:
     """Run the server until interrupted. Prints one ``ready`` line with the URL once it accepts requests."""
     logging.basicConfig(level=os.environ.get("XW_LOG", "WARNING"), format="%(asctime)s %(name)s %(message)s")
+    cfg.load_settings()
     sock = _bind(cfg.host, cfg.port)
     cfg.port = sock.getsockname()[1]
     scheme = "http" if cfg.insecure else "https"
     local = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else ("[::1]" if cfg.host == "::" else cfg.host)
     url = f"{scheme}://{local}:{cfg.port}"
     db, material = initialize(cfg, url)
-    st = ServerState(config=cfg, db=db, store=BlobStore(cfg.blob_dir), tokens=Tokens(secret(cfg.home)))
+    st = ServerState(config=cfg, db=db, store=BlobStore(cfg.blob_dir), tokens=Tokens(secret(cfg.home)),
+                     login_failures_account=FailureLimiter(*cfg.login_rate),
+                     login_failures_address=FailureLimiter(cfg.login_rate[0] * 4, cfg.login_rate[1]))
     app = create_app(st)
     kwargs = {}
     if material is not None:

@@ -8,6 +8,7 @@ from xwhep.core.matching import HostProfile
 from xwhep.server.auth import Tokens
 from xwhep.server.config import ServerConfig
 from xwhep.server.db.engine import Database
+from xwhep.server.ratelimit import FailureLimiter
 from xwhep.server.scheduler import Scheduler
 from xwhep.server.store import BlobStore
 
@@ -31,6 +32,8 @@ class ServerState:
     liveness: Liveness = field(default_factory=Liveness)
     hosts: dict[str, tuple[HostProfile, int]] = field(default_factory=dict)  # uid → (profile, version)
     started: float = 0.0
+    login_failures_account: FailureLimiter = field(default_factory=lambda: FailureLimiter(5, 60.0))
+    login_failures_address: FailureLimiter = field(default_factory=lambda: FailureLimiter(20, 60.0))
     resync_needed: bool = False  # a claim failed mid-way: rebuild the pending index from the database
 
     @property

@@ -55,14 +55,27 @@ async def version() -> FastJSON:
 
 
 @router.post("/auth/login", tags=["public"])
-async def login(body: LoginIn, st: St) -> FastJSON:
-    """Password login; the answer is a short-lived bearer token."""
+async def login(body: LoginIn, request: Request, st: St) -> FastJSON:
+    """Password login; the answer is a short-lived bearer token. Failures are rate-limited per account and
+    per address (429 with Retry-After)."""
+    address = request.client.host if request.client else "unknown"
+    keys = (f"acct:{body.login}", f"addr:{address}")
+    limiters = (st.login_failures_account, st.login_failures_address)
+    wait = max((lim.retry_after(k) or 0.0 for lim, k in zip(limiters, keys, strict=True)), default=0.0)
+    if wait:
+        await st.db.run(c.event, None, "auth.login.throttled", None, None, None,
+                        f"login {body.login} from {address}")
+        raise ApiError(429, f"too many failed logins: retry in {wait:.0f} s", "password",
+                       {"Retry-After": f"{max(1, round(wait))}"})
     ident, stored = await st.db.run(users.credentials, body.login)
     if not await anyio.to_thread.run_sync(verify_password, stored, body.password):
         ident = None
     if ident is None:
-        await st.db.run(c.event, None, "auth.login.failed", None, None, None, f"login {body.login}")
+        for lim, k in zip(limiters, keys, strict=True):
+            lim.fail(k)
+        await st.db.run(c.event, None, "auth.login.failed", None, None, None, f"login {body.login} from {address}")
         raise ApiError(401, "login failed: unknown login or wrong password", "password")
+    st.login_failures_account.reset(keys[0])
     await st.db.run(c.event, ident.uid, "auth.login", ident.uid)
     token, ttl = st.tokens.issue(ident)
     return FastJSON({"token": token, "expires_in": ttl, "user": ident.uid, "level": ident.level.name})

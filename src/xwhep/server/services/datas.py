@@ -141,8 +141,9 @@ def _release_waiting(conn: Connection, uid: str, actor: str | None, eff: Effects
 def check_download(conn: Connection, ident: Identity, uid: str) -> dict[str, Any]:
     """May ``ident`` read the bytes of ``uid``? Readers may; a worker may read what its running tasks need."""
     row = c.load(conn, "data", uid)
-    if ident.is_worker:
-        if not _needed_by_worker(conn, ident, uid) and not c.allowed(conn, ident, Action.READ, row):
+    if ident.is_worker:  # a worker reads only what its running tasks need (and sticky data if virtual)
+        sticky_ok = ident.level.name == "VWORKER_USER" and row["access_rights"] & 0x1000
+        if not sticky_ok and not _needed_by_worker(conn, ident, uid):
             raise ApiError(404, f"no data {uid}")
     elif not c.allowed(conn, ident, Action.READ, row):
         raise ApiError(404, f"no data {uid}")
