@@ -138,8 +138,8 @@ EXPECTED: dict[int, dict[str, str]] = {
     0x700: {"owner": ALL, "member": "", "other": "", "admin": ALL, "groupadmin": ALL, "worker": "", "vworker": ""},
     0x750: {"owner": ALL, "member": "rx", "other": "", "admin": ALL, "groupadmin": ALL, "worker": "",
             "vworker": ""},
-    0x755: {"owner": ALL, "member": "rx", "other": "rx", "admin": ALL, "groupadmin": ALL, "worker": "rx",
-            "vworker": "rx"},
+    0x755: {"owner": ALL, "member": "rx", "other": "rx", "admin": ALL, "groupadmin": ALL, "worker": "",
+            "vworker": ""},
     0x1700: {"owner": ALL, "member": "", "other": "", "admin": ALL, "groupadmin": ALL, "worker": "",
              "vworker": "rx"},
 }

@@ -125,8 +125,9 @@ def can(actor: Actor, action: Action, obj: Owned) -> bool:
     - the administrator may do anything;
     - a group administrator may do anything on objects of its group's members;
     - the owner may always read, write, delete and chmod; it executes per the owner bits;
-    - workers act only through their tasks (checked by the caller), so here they may only read what is
-      public, or sticky for virtual workers;
+    - workers act only through their tasks (checked by the caller): nothing here, but a virtual worker may read
+      (and run) objects with the sticky bit;
+    - levels below WORKER_USER (XWHEP's fine-grained list/get levels) get nothing from rights alone;
     - everybody else gets the group bits (same group as the owner) or the other bits.
     """
     if actor.level >= UsageLevel.SUPER_USER:
@@ -134,13 +135,10 @@ def can(actor: Actor, action: Action, obj: Owned) -> bool:
     if actor.level == UsageLevel.ADVANCED_USER and actor.usergroup and actor.usergroup == obj.owner_group:
         return True
     if actor.level in (UsageLevel.WORKER_USER, UsageLevel.VWORKER_USER):
-        if action not in (Action.READ, Action.LIST, Action.EXECUTE):
-            return False
-        if actor.level == UsageLevel.VWORKER_USER and obj.rights & STICKY:
-            return True
-        # a worker must download what it executes, so execute needs the read bit too (as matching asks)
-        readable = bool(obj.rights & 0x4)
-        return (readable and bool(obj.rights & 0x1)) if action == Action.EXECUTE else readable
+        return (actor.level == UsageLevel.VWORKER_USER and bool(obj.rights & STICKY)
+                and action in (Action.READ, Action.LIST, Action.EXECUTE))
+    if actor.level < UsageLevel.WORKER_USER:
+        return False
     if actor.uid == obj.owner:
         if action == Action.EXECUTE:
             return bool((obj.rights >> 8) & 0x1)

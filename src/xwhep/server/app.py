@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from xwhep import __version__
 from xwhep.core.model import UsageLevel, WorkStatus
 from xwhep.server.api import models, routes, worker
+from xwhep.server.api import x509 as x509_routes
 from xwhep.server.api.deps import FastJSON
 from xwhep.server.db import schema as s
 from xwhep.server.errors import ApiError
@@ -148,6 +149,7 @@ def create_app(st: ServerState) -> FastAPI:
     app.state.xw = st
     app.include_router(routes.router)
     app.include_router(worker.router)
+    app.include_router(x509_routes.router)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> FastJSON:

@@ -39,6 +39,7 @@ class Identity:
     login: str
     level: UsageLevel
     usergroup: str | None
+    x509_serial: int | None = None  # set when proven by a certificate: its revocation ends the token at once
 
     @property
     def actor(self) -> Actor:
@@ -60,11 +61,16 @@ class Tokens:
         self.secret = secret
         self.ttl = ttl
 
-    def issue(self, ident: Identity) -> tuple[str, int]:
+    def issue(self, ident: Identity, ttl: int | None = None) -> tuple[str, int]:
+        """A token for ``ident`` and its lifetime in seconds (``ttl``, e.g. a certificate's remaining life, or the
+        default)."""
+        ttl = self.ttl if ttl is None else ttl
         now = int(time.time())
-        claims = {"sub": ident.uid, "login": ident.login, "lvl": ident.level.name, "grp": ident.usergroup,
-                  "iat": now, "exp": now + self.ttl, "iss": "xwhep"}
-        return jwt.encode(claims, self.secret, algorithm=_ALG), self.ttl
+        claims: dict[str, object] = {"sub": ident.uid, "login": ident.login, "lvl": ident.level.name,
+                                     "grp": ident.usergroup, "iat": now, "exp": now + ttl, "iss": "xwhep"}
+        if ident.x509_serial is not None:
+            claims["x5s"] = f"{ident.x509_serial:x}"  # hex: serials are up to 159 bits, too big for JSON numbers
+        return jwt.encode(claims, self.secret, algorithm=_ALG), ttl
 
     def check(self, token: str) -> Identity | None:
         try:
@@ -72,4 +78,10 @@ class Tokens:
                                 options={"require": ["exp", "sub"]})
         except jwt.PyJWTError:
             return None
-        return Identity(claims["sub"], claims.get("login", ""), UsageLevel[claims["lvl"]], claims.get("grp"))
+        serial = None
+        if "x5s" in claims:
+            try:
+                serial = int(claims["x5s"], 16)
+            except (TypeError, ValueError):
+                return None
+        return Identity(claims["sub"], claims.get("login", ""), UsageLevel[claims["lvl"]], claims.get("grp"), serial)

@@ -11,6 +11,7 @@ from xwhep.server.db.engine import Database
 from xwhep.server.ratelimit import FailureLimiter
 from xwhep.server.scheduler import Scheduler
 from xwhep.server.store import BlobStore
+from xwhep.server.x509 import X509Auth
 
 
 @dataclass
@@ -35,6 +36,10 @@ class ServerState:
     login_failures_account: FailureLimiter = field(default_factory=lambda: FailureLimiter(5, 60.0))
     login_failures_address: FailureLimiter = field(default_factory=lambda: FailureLimiter(20, 60.0))
     resync_needed: bool = False  # a claim failed mid-way: rebuild the pending index from the database
+    x509: X509Auth = field(init=False)  # CA, CRL and login challenges (reads HOME/pki lazily)
+
+    def __post_init__(self) -> None:
+        self.x509 = X509Auth(self.config, self.tokens.secret)
 
     @property
     def name(self) -> str:

@@ -31,7 +31,10 @@ async def identity(request: Request) -> Identity:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "authentication required: log in with POST /api/v1/auth/login and send the token")
-    ident = state(request).tokens.check(token.strip())
+    st = state(request)
+    ident = st.tokens.check(token.strip())
     if ident is None:
         raise ApiError(401, "invalid or expired token: log in again")
+    if ident.x509_serial is not None and st.x509.revocations.is_revoked(ident.x509_serial):
+        raise ApiError(401, "the certificate this token was obtained with is revoked")
     return ident

@@ -60,6 +60,8 @@ def put(conn: Connection, ident: Identity, spec: dict[str, Any], server: str) ->
     except ValueError:
         raise bad_request(f"type: {spec.get('type')!r} is not DEPLOYABLE, SHARED, VM or CONTAINER", "type") from None
     if existing is not None and not c.allowed(conn, ident, Action.WRITE, existing):
+        if c.allowed(conn, ident, Action.READ, existing):
+            raise forbidden(f"{ident.login} may not modify app {name}")
         raise conflict(f"name: an app named {name!r} already exists", "name")
     bins = dict(existing["binaries"]) if existing else {}
     raw = spec.get("binaries") or {}

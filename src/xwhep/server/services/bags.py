@@ -7,6 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from xwhep.core.model import UsageLevel
 from xwhep.core.rights import Action
 from xwhep.core.uri import new_uid
 from xwhep.server.auth import Identity
@@ -18,8 +19,8 @@ from xwhep.server.services.works import delete_many
 
 
 def create(conn: Connection, ident: Identity, kind: str, spec: dict[str, Any], server: str) -> dict[str, Any]:
-    if ident.is_worker:
-        raise forbidden(f"{ident.login} is a worker identity")
+    if ident.is_worker or ident.level < UsageLevel.STANDARD_USER:
+        raise forbidden(f"{ident.login} ({ident.level.name}) may not create {kind}s")
     label = spec.get("label")
     if label is not None and (not isinstance(label, str) or len(label) > 255):
         raise bad_request("label: at most 255 characters", "label")

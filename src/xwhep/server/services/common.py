@@ -10,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from xwhep.core.model import UsageLevel
 from xwhep.core.rights import Action, Owned, can, format_rights
 from xwhep.core.uri import BadUri, make_uri, to_uid
 from xwhep.server.auth import Identity
@@ -94,14 +95,21 @@ def visible(table: sa.Table, ident: Identity) -> sa.ColumnElement[bool] | None:
     """SQL filter for the rows ``ident`` may read (None: everything)."""
     if ident.is_admin:
         return None
-    clauses: list[sa.ColumnElement[bool]] = [table.c.owner == ident.uid, table.c.access_rights.op("&")(4) != 0]
-    if ident.usergroup:
-        members = sa.select(s.users.c.uid).where(s.users.c.usergroup == ident.usergroup)
-        if ident.level.name == "ADVANCED_USER":
-            clauses.append(table.c.owner.in_(members))
-        else:
-            clauses.append(sa.and_(table.c.access_rights.op("&")(0x40) != 0, table.c.owner.in_(members)))
-    return sa.or_(*clauses)
+    if ident.is_worker or ident.level < UsageLevel.WORKER_USER:  # workers see through their tasks only
+        own = table.c.owner == ident.uid
+        if ident.level == UsageLevel.VWORKER_USER:
+            return sa.or_(own, table.c.access_rights.op("&")(0x1000) != 0)
+        return own
+    other_read = table.c.access_rights.op("&")(4) != 0
+    if not ident.usergroup:
+        return sa.or_(table.c.owner == ident.uid, other_read)
+    members = sa.select(s.users.c.uid).where(s.users.c.usergroup == ident.usergroup)
+    if ident.level == UsageLevel.ADVANCED_USER:  # a group administrator reads all of its group's objects
+        return sa.or_(table.c.owner == ident.uid, table.c.owner.in_(members), other_read)
+    # like Unix: a member of the owner's group gets the group bits, everybody else the other bits
+    return sa.or_(table.c.owner == ident.uid,
+                  sa.and_(table.c.owner.in_(members), table.c.access_rights.op("&")(0x40) != 0),
+                  sa.and_(table.c.owner.notin_(members), other_read))
 
 
 def event(conn: Connection, actor: str | None, action: str, obj: str | None, source: str | None = None,

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from xwhep.core.model import DataStatus, TaskStatus, WorkStatus
+from xwhep.core.model import DataStatus, TaskStatus, UsageLevel, WorkStatus
 from xwhep.core.rights import Action, BadRights, parse_rights
 from xwhep.core.uri import new_uid
 from xwhep.server.auth import Identity
@@ -40,8 +40,8 @@ def _sha(value: Any) -> str | None:
 def create(conn: Connection, ident: Identity, spec: dict[str, Any], server: str,
            blob_exists: Any) -> tuple[dict[str, Any], Effects]:
     """A new data, UNAVAILABLE until its bytes arrive (or at once when the same bytes are already stored)."""
-    if ident.is_worker:
-        raise ApiError(403, f"{ident.login} is a worker identity and may not create data")
+    if ident.is_worker or ident.level < UsageLevel.STANDARD_USER:
+        raise ApiError(403, f"{ident.login} ({ident.level.name}) may not create data")
     name = spec.get("name")
     if not name or not isinstance(name, str) or len(name) > 255:
         raise bad_request("name: required, at most 255 characters", "name")
@@ -89,6 +89,8 @@ def check_upload(conn: Connection, ident: Identity, uid: str) -> dict[str, Any]:
                 .where(s.works.c.uid == row["work"], s.works.c.result == uid)).scalar()
             ok = owner == ident.uid
         if not ok:
+            if c.allowed(conn, ident, Action.READ, row):  # e.g. sticky data seen by a virtual worker
+                raise ApiError(403, f"{ident.login} may not write data {uid}")
             raise ApiError(404, f"no data {uid}")
     else:
         row = c.load_checked(conn, ident, "data", uid, Action.WRITE)

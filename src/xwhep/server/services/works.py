@@ -155,8 +155,8 @@ def _int(spec: Mapping[str, Any], key: str, default: int | None, lo: int = 0, hi
 def submit(conn: Connection, ident: Identity, specs: list[dict[str, Any]], server: str,
            max_bag: int) -> tuple[list[dict[str, Any]], Effects]:
     """Insert a bag of works in one transaction; returns their summaries (uid, uri, status) and effects."""
-    if ident.is_worker:
-        raise forbidden(f"{ident.login} is a worker identity and may not submit works")
+    if ident.is_worker or ident.level < UsageLevel.STANDARD_USER:
+        raise forbidden(f"{ident.login} ({ident.level.name}) may not submit works")
     if not specs:
         raise bad_request("works: the bag is empty", "works")
     if len(specs) > max_bag:

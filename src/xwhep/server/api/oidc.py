@@ -1,0 +1,24 @@
+"""OpenID Connect discovery for clients: which issuers this server accepts, so ``xw login --oidc`` needs no setup."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+
+from xwhep.server.api.deps import FastJSON, state
+from xwhep.server.state import ServerState
+
+router = APIRouter(prefix="/api/v1")
+St = Annotated[ServerState, Depends(state)]
+
+
+@router.get("/auth/oidc", tags=["public"])
+async def oidc_issuers(st: St) -> FastJSON:
+    """The configured issuers: ``{"issuers": [{"issuer", "audience", "client_id"}, …]}`` (empty when none).
+
+    Public on purpose: it holds nothing secret (the client id is a public client's) and a client asks it
+    before it has any credential.
+    """
+    verifier = getattr(st, "oidc", None)
+    return FastJSON({"issuers": verifier.public_info() if verifier else []})
