@@ -824,9 +824,17 @@ def op_version(call: Call) -> int:
 
 
 def op_login(call: Call) -> int:
-    """Check the credentials of the client config; prints who you are."""
+    """Check the credentials of the client config, or (``--oidc``) log in through OpenID Connect's device flow
+    and store the token in the client config; prints who you are."""
     if call.bare:
         raise UsageError("login takes no argument (the credentials are in the client config)")
+    if call.flag("oidc"):
+        from xwhep.client.config import find
+        from xwhep.client.oidc import login_oidc
+
+        info = login_oidc(find(call.opt("config")), issuer=call.opt("issuer"), prompt=call.progress.note)
+        call.progress.note(f"stored the {info['token_kind'].replace('_', ' ')} from {info['issuer']} "
+                           f"in {info['config']}")
     me = call.client.me()
     call.print(f"logged in to {call.client.server} as {me['login']} ({me['level']}) {_uri(call, me)}")
     return EXIT_OK
@@ -886,7 +894,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("groups", _bags("group"), "[URI…] | --xwcreate LABEL", "list or create groups of works",
             (FORMAT, Opt("create", "LABEL", "create a group and print its URI"))),
     Command("version", op_version, "", "client and server versions"),
-    Command("login", op_login, "", "check the credentials of the client config", classic=False),
+    Command("login", op_login, "[--oidc [--issuer URL]]",
+            "check the credentials, or log in through OpenID Connect (device flow; stores the token)",
+            (Opt("oidc", None, "log in at the server's OpenID Connect issuer (device flow); stores the token"),
+             Opt("issuer", "URL", "which issuer, when the server accepts several")), classic=False),
     Command("why", op_why, "URI…", "why a work is pending: requirements against the registered hosts", (FORMAT,),
             classic=False),
     Command("wait", op_wait, "URI… [--timeout S]",

@@ -19,6 +19,7 @@ signature was checked with a key from the issuer's JWKS. Only asymmetric algorit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -217,7 +218,8 @@ class OidcVerifier:
         jwk = self._pick_key(issuer, kid, alg)
         if jwk is None and kid is not None:
             # an unknown kid may be a freshly rotated key: refetch the JWKS once (rate-limited in _fetch_jwks)
-            await self._fetch_jwks(issuer, force=True)
+            with contextlib.suppress(_Refused):
+                await self._fetch_jwks(issuer, force=True)
             jwk = self._pick_key(issuer, kid, alg)
         if jwk is None:
             raise _Refused(f"no key {kid!r} for {alg} in the issuer's JWKS" if kid else
@@ -261,7 +263,12 @@ class OidcVerifier:
         fresh = time.monotonic() - METADATA_TTL
         if issuer.discovery is not None and issuer.discovery_at > fresh and issuer.jwks_at > fresh:
             return
-        await self._fetch_jwks(issuer, force=False)
+        try:
+            await self._fetch_jwks(issuer, force=False)
+        except _Refused:
+            if issuer.discovery is None or not issuer.jwks:
+                raise
+            # the issuer is down but its keys were known: keep verifying with them until it is back
 
     async def _fetch_jwks(self, issuer: _Issuer, force: bool) -> None:
         async with issuer.lock:

@@ -20,5 +20,4 @@ async def oidc_issuers(st: St) -> FastJSON:
     Public on purpose: it holds nothing secret (the client id is a public client's) and a client asks it
     before it has any credential.
     """
-    verifier = getattr(st, "oidc", None)
-    return FastJSON({"issuers": verifier.public_info() if verifier else []})
+    return FastJSON({"issuers": st.oidc.public_info()})
