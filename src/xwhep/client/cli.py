@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import typer
 
 from xwhep.client import classic
+from xwhep.client.x509 import app as x509_app
+from xwhep.server.ca_cli import app as ca_app
 from xwhep.server.cli import server
 
 app = typer.Typer(name="xw", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
@@ -24,6 +26,8 @@ app = typer.Typer(name="xw", no_args_is_help=True, add_completion=False, rich_ma
 
 app.command("server", help="Run the xwhep server (scheduler + repository). The first start initializes HOME.")(
     server)
+app.add_typer(ca_app, name="ca", help="Manage the server's certificate authority: issue, revoke, CRL.")
+app.add_typer(x509_app, name="x509", help="Grid-style X.509 proxy certificates (proxy-init, proxy-info).")
 
 _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
@@ -66,11 +70,33 @@ def worker(ctx: typer.Context) -> None:
     raise typer.Exit(run_worker(ctx.args))
 
 
+@app.command("bench", context_settings=_PASSTHROUGH, add_help_option=False)
+def bench(ctx: typer.Context) -> None:
+    """Run the benchmark suite (see [bold]xw bench --help[/bold]; needs the xwhep[bench] extra)."""
+    raise typer.Exit(run_bench(ctx.args))
+
+
+def run_bench(argv: Sequence[str]) -> int:
+    from xwhep.bench.runner import main as bench_main
+
+    return int(bench_main(list(argv)) or 0)
+
+
+@app.command("demo")
+def demo() -> None:
+    """An embedded SQLite server, a local worker, a registered app, a submitted work, its result."""
+    from xwhep.demo import main as demo_main
+
+    raise typer.Exit(demo_main())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``xw``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "worker":
         sys.exit(run_worker(args[1:]))
+    if args and args[0] == "bench":
+        sys.exit(run_bench(args[1:]))
     if args and (args[0] in classic.COMMANDS or args[0] in classic.ALIASES):
         sys.exit(classic.run(args[0], args[1:], prog=f"xw {args[0]}", xw_mode=True))
     app(args=args, prog_name="xw")

@@ -85,12 +85,15 @@ class Client:
         self._password = password
         self._token = token
         self._token_expiry = float("inf") if token else 0.0
+        self._cert = cert
+        self._key = key
+        self._given_token = token is not None
         self._lock = threading.Lock()
         verify: Any = ssl.create_default_context(cafile=ca) if ca else True
         if self.server.startswith("http://"):
             verify = False
-        cert_arg = (cert, key) if cert and key else None
-        self.http = httpx.Client(verify=verify, cert=cert_arg, timeout=httpx.Timeout(timeout, connect=15.0),
+        # the certificate proves who we are at the application level (xwhep.client.x509), not in the TLS handshake
+        self.http = httpx.Client(verify=verify, timeout=httpx.Timeout(timeout, connect=15.0),
                                  limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
         netloc = urlsplit(self.server).netloc
         self.netloc = netloc
@@ -115,10 +118,33 @@ class Client:
         return f"xw://{self.netloc}/{uid}"
 
     # -- transport ---------------------------------------------------------------------------------------------
+    def _login_method(self) -> str | None:
+        """How :meth:`login` gets a token: ``x509`` with a configured certificate (+ key), else ``password``, else
+        ``x509`` with a grid proxy ($X509_USER_PROXY, /tmp/x509up_u<uid>) when nothing at all is configured."""
+        if self._cert:
+            return "x509"
+        if self.login_name and self._password is not None:
+            return "password"
+        if not self._given_token:
+            from xwhep.client.x509 import find_proxy
+
+            if find_proxy() is not None:
+                return "x509"
+        return None
+
     def login(self) -> str:
-        """Exchange login + password for a bearer token (done transparently when needed)."""
-        if not self.login_name or self._password is None:
-            raise XwError("no credentials: the client config needs login and password (or a token)")
+        """Get a bearer token (done transparently when needed): X.509 with the configured certificate and key,
+        else login + password, else a grid proxy (see :meth:`_login_method`)."""
+        method = self._login_method()
+        if method == "x509":
+            from xwhep.client.x509 import login_x509
+
+            login_x509(self)
+            return str(self._token)
+        if method is None:
+            raise XwError("no credentials: the client config needs login and password, cert and key, or a token "
+                          "(or a grid proxy: xw x509 proxy-init)")
+        assert self.login_name is not None and self._password is not None
         r = self._send("POST", "/auth/login", json={"login": self.login_name, "password": self._password}, auth=False)
         data = r.json()
         self._token = data["token"]
@@ -128,7 +154,7 @@ class Client:
     def _auth_header(self) -> dict[str, str]:
         with self._lock:
             expired = self._token is None or time.monotonic() >= self._token_expiry
-            if expired and self.login_name and self._password is not None:
+            if expired and self._login_method():
                 self.login()
             return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
@@ -146,7 +172,7 @@ class Client:
                 raise XwError(f"cannot reach server {self.server}: {_short(exc)}") from None
             except httpx.HTTPError as exc:
                 raise XwError(f"{self.server}: {_short(exc)}") from None
-            if r.status_code == 401 and auth and attempt == 1 and self.login_name and self._password is not None:
+            if r.status_code == 401 and auth and attempt == 1 and self._login_method():
                 self._token = None  # expired or server restarted with a new secret: log in again once
                 kw["headers"] = headers
                 continue
