@@ -266,6 +266,7 @@ async def list_users(ident: Ident, st: St) -> FastJSON:
 @router.delete("/users/{uid}")
 async def delete_user(uid: str, ident: Ident, st: St) -> FastJSON:
     await st.db.run(users.delete_user, ident, c.ref(uid, "uid"))
+    st.revoked_users.add(c.ref(uid, "uid"))  # its unexpired tokens stop working now, not in an hour
     return FastJSON({"deleted": c.ref(uid, "uid")})
 
 
