@@ -23,6 +23,7 @@ class ServerProc:
     home: Path
     db: str | None = None
     args: list[str] = field(default_factory=list)
+    prefix: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NS]: run the server inside
     port: int = 0
     proc: subprocess.Popen[str] | None = None
     url: str = ""
@@ -41,8 +42,8 @@ class ServerProc:
 
     def start(self, timeout: float = 60.0) -> ServerProc:
         """Start and block until the server prints its ready line (the event, no sleeping)."""
-        cmd = [sys.executable, "-m", "xwhep.server", "--home", str(self.home), "--port", str(self.port),
-               *self.args]
+        cmd = [*self.prefix, sys.executable, "-m", "xwhep.server", "--home", str(self.home), "--port",
+               str(self.port), *self.args]
         if self.db:
             cmd += ["--db", self.db]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pgserver
 import pytest
@@ -73,3 +74,19 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
     yield make
     for srv in started:
         srv.stop()
+
+
+# --- Nested runs ---------------------------------------------------------------------------------------------------
+# tests/test_readme.py runs the README's `bash .ci/run` in a fresh clone with XW_NESTED_SUITE=1: that inner run keeps
+# only the fast, pure tests/core, so the suite neither recurses into itself nor runs everything twice.
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("XW_NESTED_SUITE") != "1":
+        return
+    core = Path(__file__).resolve().parent / "core"
+    keep = [item for item in items if core in item.path.resolve().parents]
+    dropped = [item for item in items if core not in item.path.resolve().parents]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep

@@ -62,7 +62,7 @@ def test_worker_scope_and_revocation(make_server: Callable[..., ServerProc], tmp
 
     # revoking worker2 (deleting its user) refuses its unexpired token at once
     assert c2.alive(w2.host)["tasks"] == {}
-    uid2 = [u for u in admin.users() if u["login"] == "worker2"][0]["uid"]
+    uid2 = next(u for u in admin.users() if u["login"] == "worker2")["uid"]
     admin._send("DELETE", f"/users/{uid2}")
     token = c2._token
     r = c2.http.post(f"{c2.base}/hosts/{w2.host}/alive", json={}, headers={"Authorization": f"Bearer {token}"})

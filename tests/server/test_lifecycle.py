@@ -129,12 +129,18 @@ def test_abort_requeues_and_failed_is_final(make_server: Callable[..., ServerPro
     srv = make_server()
     admin = srv.client("admin")
     _app(admin, tmp_path)
-    work = admin.submit("echo", wallclock=5)
+    work = admin.submit("echo", wallclock=5, max_retries=1)
     w = SdkWorker(srv.client("worker"))
     [a] = w.take(1, wait=1)
-    w.finish(a["task"], None, status="ABORTED", reason="worker deactivated")
+    # the volunteer took the machine back: requeued, no retry charged
+    w.c.report(w.host, [{"task": a["task"], "status": "ABORTED", "reason": "worker deactivated", "charge": False}])
     w2 = admin.work(work["uid"])
     assert w2["status"] == "PENDING" and w2["retries"] == 0
+    [a2] = w.take(1, wait=1)
+    assert a2["trial"] == 2, "every attempt has its own trial number"
+    # a failure on the worker's side counts against max retries
+    w.finish(a2["task"], None, status="ABORTED", reason="worker failure: disk full")
+    assert admin.work(work["uid"])["retries"] == 1
     [b] = w.take(1, wait=1)
     w.finish(b["task"], None, status="FAILED", reason="wall-clock limit exceeded (5 s)")
     w3 = admin.work(work["uid"])
@@ -179,3 +185,17 @@ def test_illegal_transition_and_stale(make_server: Callable[..., ServerProc], tm
     # another host cannot report this task
     intruder = SdkWorker(srv.client("worker"), "intruder")
     assert intruder.finish(a["task"], None)["outcome"] == "stale"
+
+
+def test_aborts_are_bounded_by_max_retries(make_server: Callable[..., ServerProc], tmp_path: Path) -> None:
+    srv = make_server()
+    admin = srv.client("admin")
+    _app(admin, tmp_path)
+    work = admin.submit("echo", max_retries=2)
+    w = SdkWorker(srv.client("worker"))
+    for _ in range(3):
+        [a] = w.take(1, wait=1)
+        w.finish(a["task"], None, status="ABORTED", reason="worker failure: cannot fetch input")
+    final = admin.work(work["uid"])
+    assert final["status"] == "ERROR" and "max retries" in final["reason"] and "cannot fetch" in final["reason"]
+    assert w.take(1) == []

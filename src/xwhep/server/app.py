@@ -17,12 +17,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from xwhep import __version__
 from xwhep.core.model import UsageLevel, WorkStatus
-from xwhep.server.api import models, routes, worker
+from xwhep.server.api import models, oidc, routes, worker
+from xwhep.server.api import relay as relay_routes
 from xwhep.server.api import x509 as x509_routes
 from xwhep.server.api.deps import FastJSON
 from xwhep.server.db import schema as s
 from xwhep.server.errors import ApiError
 from xwhep.server.services import dispatch
+from xwhep.server.services.common import event
 from xwhep.server.services.works import Resolver, profile_of
 from xwhep.server.state import ServerState
 
@@ -87,6 +89,12 @@ def load_index(conn: Any, since: float | None = None) -> tuple[list[tuple[Any, .
     return pending, running, active
 
 
+def revoked_since(conn: Any, since: float) -> list[str]:
+    """Users deleted (credentials revoked) by any server process since ``since``."""
+    return [u for (u,) in conn.execute(sa.select(s.events.c.object).where(
+        s.events.c.action == "user.delete", s.events.c.time >= since)) if u]
+
+
 async def rebuild(st: ServerState, since: float | None = None) -> None:
     pending, running, active = await st.db.run(load_index, since)
     for args in pending:
@@ -119,7 +127,9 @@ async def housekeeping(st: ServerState) -> None:
                 st.resync_needed = False
                 await rebuild(st)
             elif not st.db.is_sqlite:  # other server processes may share the database
-                await rebuild(st, since=time.time() - 10 * cfg.flush_period)
+                since = time.time() - 10 * cfg.flush_period
+                await rebuild(st, since=since)
+                st.revoked_users.update(await st.db.run(revoked_since, since))
         except asyncio.CancelledError:
             raise
         except Exception:  # keep the loop alive; the next round retries
@@ -137,6 +147,7 @@ def create_app(st: ServerState) -> FastAPI:
         try:
             yield
         finally:
+            await st.relay.close()  # workers and server proxies reconnect to the next server
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -149,10 +160,16 @@ def create_app(st: ServerState) -> FastAPI:
     app.state.xw = st
     app.include_router(routes.router)
     app.include_router(worker.router)
+    app.include_router(oidc.router)
     app.include_router(x509_routes.router)
+    app.include_router(relay_routes.router)
 
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> FastJSON:
+    async def api_error(request: Request, exc: ApiError) -> FastJSON:
+        ident = getattr(request.state, "ident", None)
+        if exc.status == 403 and ident is not None:  # an authenticated caller refused: worth auditing
+            await st.db.run(event, ident.uid, "access.denied", None, None, None,
+                            f"{request.method} {request.url.path}: {exc.message}"[:2000])
         return FastJSON({"error": exc.message, "field": exc.field}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

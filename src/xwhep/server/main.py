@@ -8,6 +8,8 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 import uvicorn
 
@@ -15,6 +17,7 @@ from xwhep.server.app import create_app
 from xwhep.server.auth import Tokens
 from xwhep.server.config import ServerConfig
 from xwhep.server.home import initialize, secret
+from xwhep.server.oidc import OidcConfigError, OidcVerifier
 from xwhep.server.ratelimit import FailureLimiter
 from xwhep.server.state import ServerState
 from xwhep.server.store import BlobStore
@@ -45,17 +48,33 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)  # type: ignore[arg-type]
 
 
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where installed, as uvicorn itself would (``asyncio.run`` bypasses uvicorn's loop choice).
+
+    Not only faster: on the stock loop a TLS response followed by a close waited ~40 ms on loopback (measured)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 def serve(cfg: ServerConfig) -> None:
     """Run the server until interrupted. Prints one ``ready`` line with the URL once it accepts requests."""
     logging.basicConfig(level=os.environ.get("XW_LOG", "WARNING"), format="%(asctime)s %(name)s %(message)s")
     cfg.load_settings()
+    try:
+        oidc = OidcVerifier(cfg.oidc)
+    except OidcConfigError as exc:  # refuse to start rather than run without the issuers the admin set up
+        raise SystemExit(f"xwhep server: {exc}") from None
     sock = _bind(cfg.host, cfg.port)
     cfg.port = sock.getsockname()[1]
     scheme = "http" if cfg.insecure else "https"
     local = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else ("[::1]" if cfg.host == "::" else cfg.host)
     url = f"{scheme}://{local}:{cfg.port}"
     db, material = initialize(cfg, url)
-    st = ServerState(config=cfg, db=db, store=BlobStore(cfg.blob_dir), tokens=Tokens(secret(cfg.home)),
+    st = ServerState(config=cfg, db=db, store=BlobStore(cfg.blob_dir), tokens=Tokens(secret(cfg.home)), oidc=oidc,
                      login_failures_account=FailureLimiter(*cfg.login_rate),
                      login_failures_address=FailureLimiter(cfg.login_rate[0] * 4, cfg.login_rate[1]))
     app = create_app(st)
@@ -64,6 +83,9 @@ def serve(cfg: ServerConfig) -> None:
         kwargs = {"ssl_certfile": str(material.cert), "ssl_keyfile": str(material.key)}
     uv = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=75,
                         timeout_graceful_shutdown=2,
+                        # relay streams: frames of at most 1 MiB (bounds what one stream can make the server
+                        # hold), no compression (the payload is usually compressed or encrypted already)
+                        ws_max_size=1 << 20, ws_per_message_deflate=False,
                         backlog=2048, **kwargs)  # type: ignore[arg-type]
     server = _Server(uv, st)
 
@@ -81,7 +103,7 @@ def serve(cfg: ServerConfig) -> None:
         await task
 
     try:
-        asyncio.run(run())
+        _run_loop(run())
     except KeyboardInterrupt:
         pass
     finally:

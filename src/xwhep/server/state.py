@@ -8,7 +8,9 @@ from xwhep.core.matching import HostProfile
 from xwhep.server.auth import Tokens
 from xwhep.server.config import ServerConfig
 from xwhep.server.db.engine import Database
+from xwhep.server.oidc import OidcVerifier
 from xwhep.server.ratelimit import FailureLimiter
+from xwhep.server.relay import Hub
 from xwhep.server.scheduler import Scheduler
 from xwhep.server.store import BlobStore
 from xwhep.server.x509 import X509Auth
@@ -29,17 +31,22 @@ class ServerState:
     db: Database
     store: BlobStore
     tokens: Tokens
+    oidc: OidcVerifier = field(default_factory=lambda: OidcVerifier([]))  # the [[oidc]] issuers
     scheduler: Scheduler = field(default_factory=Scheduler)
     liveness: Liveness = field(default_factory=Liveness)
     hosts: dict[str, tuple[HostProfile, int]] = field(default_factory=dict)  # uid → (profile, version)
     started: float = 0.0
     login_failures_account: FailureLimiter = field(default_factory=lambda: FailureLimiter(5, 60.0))
     login_failures_address: FailureLimiter = field(default_factory=lambda: FailureLimiter(20, 60.0))
+    revoked_users: set[str] = field(default_factory=set)
+    inactive_hosts: set[str] = field(default_factory=set)  # workers whose activation policy says no (alive)  # deleted users whose tokens may still be unexpired
     resync_needed: bool = False  # a claim failed mid-way: rebuild the pending index from the database
     x509: X509Auth = field(init=False)  # CA, CRL and login challenges (reads HOME/pki lazily)
+    relay: Hub = field(init=False)  # tunnels: control channels and streams (in memory only)
 
     def __post_init__(self) -> None:
         self.x509 = X509Auth(self.config, self.tokens.secret)
+        self.relay = Hub(self.tokens.secret)
 
     @property
     def name(self) -> str:

@@ -26,6 +26,7 @@ from xwhep.worker.executors.native import NativeExecutor
 from xwhep.worker.probe import probe_host
 from xwhep.worker.spool import Entry, Spool
 from xwhep.worker.staging import BlobCache
+from xwhep.worker.tunnel import TunnelManager
 
 log = logging.getLogger("xwhep.worker")
 
@@ -68,6 +69,7 @@ class Worker:
         self.idle_reason = "starting"
         self.host: str | None = None
         self.alive_period = 30.0
+        self.tunnels = TunnelManager(self.client, cfg.client.ca, incoming=cfg.incoming)  # jobs' listen/forward ports
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def description(self) -> dict[str, Any]:
@@ -98,6 +100,7 @@ class Worker:
             return
         self.host = host["uid"]
         self.alive_period = float(host.get("alive_period") or 30.0)
+        self.tunnels.set_host(self.host)
         state_file.write_text(json.dumps({"uid": self.host, "server": self.cfg.client.server}))
         log.info("registered as host %s", self.host)
 
@@ -119,6 +122,7 @@ class Worker:
                 j.stop("worker shutting down")
             for t in threads:
                 t.join(timeout=10)
+            self.tunnels.stop()
             self._write_status()
 
     def shutdown(self) -> None:
@@ -143,6 +147,11 @@ class Worker:
         ok, reason = self.policy.is_active()
         if not ok and self.active:
             log.info("deactivated: %s", reason)
+            if self.host is not None:  # tell the server first, so that a long-poll in flight hands out nothing
+                try:
+                    self.client.alive(self.host, list(self.jobs), [], active=False)
+                except XwError as exc:
+                    log.warning("could not announce the deactivation: %s", exc.message)
             for j in list(self.jobs.values()):
                 j.stop(f"worker deactivated: {reason}")
         self.active = ok
@@ -158,9 +167,10 @@ class Worker:
                 self.stopping.wait(self.cfg.activation_check_s)
                 continue
             with self.lock:
-                while len(self.jobs) >= self.cfg.pool and not self.stopping.is_set():
+                if len(self.jobs) >= self.cfg.pool:
                     self._set_idle("pool full", locked=True)
                     self.slot_free.wait()
+                    continue  # a slot freed up, maybe by a deactivation: check the policy again first
                 free = self.cfg.pool - len(self.jobs)
             if self.stopping.is_set():
                 return
@@ -199,7 +209,7 @@ class Worker:
     def _run_job(self, j: jobmod.Job) -> None:
         root = self.jobs_dir / j.task
         try:
-            entry = jobmod.run(j, root, self.cache, self._fetch, self.executor, self.cfg, self.spool)
+            entry = jobmod.run(j, root, self.cache, self._fetch, self.executor, self.cfg, self.spool, self.tunnels)
         finally:
             shutil.rmtree(root, ignore_errors=True)
             with self.lock:
@@ -248,11 +258,12 @@ class Worker:
     def _alive_loop(self) -> None:
         assert self.host is not None
         while not self.stopping.wait(self.alive_period):
+            self._write_status()  # job phases (stage-in → running → stage-out) change without other notice
             if self.active:
                 self._check_activation()
             with self.lock:
                 running = list(self.jobs)
-            held = [e.task for e in self.spool.entries()]
+            held = [e.task for e in self.spool.entries() if e.data is not None]  # reported: only those can be acked
             try:
                 reply = self.client.alive(self.host, running, held, active=self.active)
             except XwError as exc:
@@ -264,7 +275,7 @@ class Worker:
                     self.jobs[task].stop("the server asked to stop", discard=True)
             for task in reply.get("ack", []):
                 self.spool.drop(task)
-            if reply.get("resend") or held:
+            if reply.get("resend") or self.spool.entries():  # unreported results too (e.g. the server was down)
                 self.deliver_now.set()
 
     # -- status ----------------------------------------------------------------------------------------------------
@@ -279,6 +290,6 @@ class Worker:
         status = {"host": self.host, "server": self.cfg.client.server, "pid": os.getpid(), "active": self.active,
                   "pool": self.cfg.pool, "running": jobs, "idle_reason": None if jobs else self.idle_reason,
                   "results_pending": len(list(self.spool.root.glob("*/report.json"))), "time": time.time()}
-        tmp = self.cfg.workdir / "status.json.tmp"
+        tmp = self.cfg.workdir / f"status.json.{threading.get_ident()}.tmp"  # threads write concurrently
         tmp.write_text(json.dumps(status))
         os.replace(tmp, self.cfg.workdir / "status.json")

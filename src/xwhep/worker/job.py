@@ -15,6 +15,7 @@ from xwhep.worker.executors.base import Executor, ExecutorError, JobOutcome, Job
 from xwhep.worker.packing import PackingError, pack_results, snapshot
 from xwhep.worker.spool import Entry, Spool
 from xwhep.worker.staging import BlobCache, StagingError, copy_or_link_into, safe_extract_zip
+from xwhep.worker.tunnel import TunnelError, TunnelManager
 
 Fetch = Callable[[dict[str, Any], Path], None]
 
@@ -104,12 +105,17 @@ def stage_in(job: Job, root: Path, cache: BlobCache, fetch: Fetch, cfg: WorkerCo
 
 
 def run(job: Job, root: Path, cache: BlobCache, fetch: Fetch, executor: Executor, cfg: WorkerConfig,
-        spool: Spool) -> Entry | None:
+        spool: Spool, tunnels: TunnelManager | None = None) -> Entry | None:
     """Run one assignment to the end and spool its report; None when the server told us to drop it."""
     report: dict[str, Any] = {"task": job.task}
     result_path = None
     try:
         spec, snap = stage_in(job, root, cache, fetch, cfg)
+        a = job.assignment
+        if a.get("listen_ports") or a.get("forward_addresses"):  # the job runs under its tunnel forwarder
+            if tunnels is None:
+                raise TunnelError("this worker runs no tunnels")
+            spec = tunnels.wrap(job.task, a["work"], root, spec, a.get("listen_ports"), a.get("forward_addresses"))
         with job.lock:
             if job.stop_reason:
                 raise _Stopped(job.stop_reason)
@@ -128,13 +134,17 @@ def run(job: Job, root: Path, cache: BlobCache, fetch: Fetch, executor: Executor
                 result_path = packed.path
     except _Stopped as stop:
         report.update(status="ABORTED", reason=str(stop))
-    except (StagingError, ExecutorError, PackingError) as exc:
+    except (StagingError, ExecutorError, PackingError, TunnelError) as exc:
         report.update(status="ERROR", reason=f"{type(exc).__name__.replace('Error', '').lower()}: {exc}")
     except Exception as exc:  # the client failed to fetch an input, disk full, …: the work can run elsewhere
         report.update(status="ABORTED", reason=f"worker failure: {exc}")
+    if tunnels is not None:
+        tunnels.release(job.task)  # the job is gone: end its streams
     if job.discard:
         spool.drop(job.task)
         return None
+    if report.get("status") == "ABORTED" and job.stop_reason:
+        report["charge"] = False  # stopped by the volunteer's policy or a shutdown: not the work's fault
     return spool.commit(job.task, {k: v for k, v in report.items() if v is not None}, result_path)
 
 

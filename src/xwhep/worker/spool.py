@@ -30,6 +30,9 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        for d in root.iterdir():  # left by a previous run before its commit: that job did not finish here
+            if not (d / "report.json").is_file():
+                shutil.rmtree(d, ignore_errors=True)
 
     def dir_for(self, task: str) -> Path:
         d = self.root / task
@@ -52,8 +55,7 @@ class Spool:
         out = []
         for d in sorted(self.root.iterdir()):
             meta = d / "report.json"
-            if not meta.is_file():
-                shutil.rmtree(d, ignore_errors=True)  # never committed: the job did not finish here
+            if not meta.is_file():  # a result being packed right now: not an entry yet
                 continue
             m = json.loads(meta.read_text())
             out.append(Entry(d.name, m["report"], d / m["result"] if m["result"] else None, m.get("data")))

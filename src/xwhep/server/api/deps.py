@@ -26,15 +26,22 @@ def state(request: Request) -> ServerState:
 
 
 async def identity(request: Request) -> Identity:
-    """The bearer token's identity; 401 without a valid one."""
+    """The bearer token's identity (ours, or an OpenID Connect issuer's); 401 without a valid one."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "authentication required: log in with POST /api/v1/auth/login and send the token")
     st = state(request)
-    ident = st.tokens.check(token.strip())
+    token = token.strip()
+    ident = st.tokens.check(token)
+    if ident is None and st.oidc:
+        # not one of ours: maybe a bearer JWT from a configured OpenID Connect issuer
+        ident = await st.oidc.verify(token, st.db)
     if ident is None:
         raise ApiError(401, "invalid or expired token: log in again")
     if ident.x509_serial is not None and st.x509.revocations.is_revoked(ident.x509_serial):
         raise ApiError(401, "the certificate this token was obtained with is revoked")
+    if ident.uid in st.revoked_users:  # deleted (revoked) since the token was issued: refused at once
+        raise ApiError(401, "this identity was revoked")
+    request.state.ident = ident  # for the audit event of a refusal
     return ident

@@ -109,6 +109,7 @@ class ResultRef(Strict):
 class Report(Strict):
     task: str
     status: str = "COMPLETED"
+    charge: bool = True  # ABORTED: count this attempt against max retries (False: deactivation, shutdown)
     return_code: int | None = None
     reason: str | None = None
     result: ResultRef | None = None

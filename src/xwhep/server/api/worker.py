@@ -49,6 +49,7 @@ async def list_hosts(ident: Ident, st: St) -> FastJSON:
             s.tasks.c.status == TaskStatus.RUNNING).group_by(s.tasks.c.host)).all())
         for r in rows:
             r["running"] = running.get(r["uid"], 0)
+            r["active"] = r["uid"] not in st.inactive_hosts
             live = st.liveness.hosts.get(r["uid"])
             if live:
                 r["last_alive"] = c.iso(live)
@@ -63,7 +64,10 @@ async def request_works(uid: str, body: RequestIn, ident: Ident, st: St) -> Fast
     uid = c.ref(uid, "uid")
     host, version = await hostcache.lookup(st, ident, uid)
     deadline = time.monotonic() + min(body.wait, st.config.max_long_poll)
+    st.inactive_hosts.discard(uid)  # asking for work means active again
     while True:
+        if uid in st.inactive_hosts:  # deactivated (alive said so) while this long-poll waited
+            return FastJSON({"works": []})
         st.liveness.hosts[uid] = time.time()
         picked = st.scheduler.pick(host, body.max, version)
         if picked:
@@ -110,15 +114,23 @@ async def alive(uid: str, body: AliveIn, ident: Ident, st: St) -> FastJSON:
         else:
             orders[task] = "stop"
             live.tasks.pop(task, None)
-    ack, resend = [], {}
+    ack, resend, report = [], {}, []
     for task in body.results:
         info = states.get(task)
         if info and info["status"] == TaskStatus.DATAREQUEST and info["current"] == task and info["result"]:
             resend[task] = info["result"]
+        elif info and info["status"] == TaskStatus.RUNNING and info["current"] == task:
+            report.append(task)  # the server never got this report (e.g. it was down): send it, keep the result
         else:
             ack.append(task)
             live.tasks.pop(task, None)
-    return FastJSON({"tasks": orders, "ack": ack, "resend": resend, "alive_period": st.config.alive_period})
+    if body.active:
+        st.inactive_hosts.discard(uid)
+    elif uid not in st.inactive_hosts:  # a deactivated worker gets no more works: release its long-poll now
+        st.inactive_hosts.add(uid)
+        st.scheduler.notify()
+    return FastJSON({"tasks": orders, "ack": ack, "resend": resend, "report": report,
+                     "alive_period": st.config.alive_period})
 
 
 @router.post("/hosts/{uid}/reports")

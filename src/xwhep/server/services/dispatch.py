@@ -134,11 +134,14 @@ def claim(conn: Connection, host: HostProfile, picked: list[str]) -> tuple[list[
     for w in works:
         wanted.update(x for x in (w["stdin"], w["dirin"]) if x)
     info = _datainfo(conn, wanted)
+    tried = dict(conn.execute(sa.select(s.tasks.c.work, sa.func.count()).where(
+        s.tasks.c.work.in_(task_of)).group_by(s.tasks.c.work)).all())
     task_rows, ev, out = [], [], []
     for w in works:
         task = task_of[w["uid"]]
+        trial = tried.get(w["uid"], 0) + 1  # attempts so far, aborts included: unique per work
         task_rows.append({"uid": task, "owner": host.owner, "access_rights": 0x700, "created": t, "modified": t,
-                          "work": w["uid"], "host": host.uid, "trial": w["retries"] + 1, "status": "RUNNING",
+                          "work": w["uid"], "host": host.uid, "trial": trial, "status": "RUNNING",
                           "started": t, "last_alive": t})
         ev.append({"actor": host.owner, "action": "work.transition", "object": w["uid"], "source": "PENDING",
                    "target": "RUNNING", "detail": f"host {host.uid} task {task}"})
@@ -147,14 +150,14 @@ def claim(conn: Connection, host: HostProfile, picked: list[str]) -> tuple[list[
         rset = w["replica_of"] or (w["uid"] if w["replicas"] > 1 else None)
         if rset:
             eff.replica_hosts.append((rset, host.uid))
-        out.append(assignment(w, apps[w["app"]], task, plat, info))
+        out.append(assignment(w, apps[w["app"]], task, plat, info, trial))
     conn.execute(s.tasks.insert(), task_rows)
     c.events(conn, ev)
     return out, eff
 
 
 def assignment(w: Mapping[str, Any], app: Mapping[str, Any], task: str, plat: str,
-               info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+               info: dict[str, dict[str, Any]], trial: int) -> dict[str, Any]:
     """What a worker needs to run one work."""
     b = app["binaries"] or {}
     key = plat if plat in b else ("java" if "java" in b else None)
@@ -166,7 +169,7 @@ def assignment(w: Mapping[str, Any], app: Mapping[str, Any], task: str, plat: st
         return info.get(uid, {"uid": uid}) if uid else None
 
     return {
-        "task": task, "work": w["uid"], "owner": w["owner"], "trial": w["retries"] + 1,
+        "task": task, "work": w["uid"], "owner": w["owner"], "trial": trial,
         "app": {"uid": app["uid"], "name": app["name"], "type": app["type"], "binary": binary,
                 "env": app["env"] or {}, "base_dirin": d(app["base_dirin"]), "image": d(app["image"])},
         "args": w["args"], "env": w["env"] or {}, "stdin": d(w["stdin"]), "dirin": d(w["dirin"]),
@@ -224,9 +227,18 @@ def _one_report(conn: Connection, ident: Identity, task: dict[str, Any], work: d
     if status == "ABORTED":
         _end_task(conn, tuid, TaskStatus.ABORTED, rep, reason, eff)
         move(conn, work, W.ABORTED, ident.uid, reason)
-        move(conn, work, W.PENDING, ident.uid, "rescheduled after abort", host=None, task=None)
         eff.running[work["owner"]] -= 1
-        requeue(conn, work, eff)
+        if rep.get("charge", True):  # a failure on the worker's side: bounded like any lost attempt
+            target, retries, why = after_loss(work["retries"], work["max_retries"])
+        else:  # the volunteer took the machine back: not the work's fault, no retry charged
+            target, retries, why = W.PENDING, work["retries"], "rescheduled after abort"
+        if target == W.ERROR:
+            move(conn, work, W.ERROR, ident.uid, why, retries=retries, reason=f"{why}; last: {reason}", host=None,
+                 task=None)
+            settle_replicas(conn, work, ident.uid)
+        else:
+            move(conn, work, W.PENDING, ident.uid, why, retries=retries, host=None, task=None)
+            requeue(conn, work, eff)
         return {"task": tuid, "outcome": "done"}
     if status in ("FAILED", "ERROR"):
         _end_task(conn, tuid, TaskStatus(status), rep, reason, eff)

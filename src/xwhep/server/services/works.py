@@ -13,6 +13,7 @@ from xwhep.core.matching import HostProfile, WorkProfile, summarize
 from xwhep.core.model import AppType, DataStatus, UsageLevel, WorkStatus
 from xwhep.core.rights import Action, BadRights, clamp_to, parse_rights
 from xwhep.core.states import is_final, transition
+from xwhep.core.tunnels import BadAddress, parse_forwards, parse_target, work_address
 from xwhep.core.uri import new_uid
 from xwhep.server.auth import Identity
 from xwhep.server.db import schema as s
@@ -287,6 +288,11 @@ def _forward(value: Any) -> str | None:
         if len(parts) != 2 or not parts[0].strip():
             raise bad_request(f"forward_addresses: {pair!r} is not ADDRESS,PORT", "forward_addresses")
         parse_ports(parts[1], "forward_addresses")
+    try:  # what the relay will accept: xwproxy:<token> or xw://server/<uid>:<port>, each job-local port once
+        for address, _ in parse_forwards(value):
+            parse_target(address)
+    except BadAddress as exc:
+        raise bad_request(f"forward_addresses: {exc}", "forward_addresses") from None
     return value
 
 
@@ -305,6 +311,9 @@ def render_work(conn: Connection, row: Mapping[str, Any], server: str) -> dict[s
                          .where(s.datas.c.uid == row["result"])).first()
         if d:
             out["result_sha256"], out["result_size"], out["result_status"] = d
+    if row.get("listen_ports") and row.get("status") == WorkStatus.RUNNING:
+        # where its ports are reachable: xwproxy UID, or another job's forward addresses (job <-> job)
+        out["tunnels"] = [work_address(server, row["uid"], p) for p in row["listen_ports"].split(",")]
     return out
 
 

@@ -1,0 +1,357 @@
+"""The relay's WebSocket endpoints (see :mod:`xwhep.server.relay` for the design).
+
+* ``/hosts/{uid}/channel`` — a worker's control channel (the host's owner only);
+* ``/works/{uid}/ports/{port}`` — a client's stream to a work's listen port (``xwproxy UID``);
+* ``/proxies[?address=A&key=K]`` — a client's server proxy: the first message gives its address and the key to
+  take the same address again after a reconnection; then it is the proxy's control channel;
+* ``/hosts/{uid}/tasks/{task}/forward?address=A`` — a job's stream to one of its forward addresses (opened by
+  the worker running it);
+* ``/relay/{sid}`` — the target of a stream joins it;
+* ``/hosts/{uid}/spare``, ``/proxies/spare?address=A`` — a target's spare WebSockets (see the relay module).
+
+Authentication is the bearer token of the handshake, exactly as for HTTP requests; a failed one is refused
+before the WebSocket is accepted, as an HTTP error with the usual ``{"error": …}`` body. An initiator (the
+first two stream endpoints) is then accepted and may wait before it sends ``open``: the rights are checked, and
+the event written, when it does. It gets ``ok`` once the target joined, or a close with code 4000 + the HTTP
+status and the reason (4403, 4404, 4409, 4503, …).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, WebSocket
+
+from xwhep.server import hosts as hostcache
+from xwhep.server.api.deps import FastJSON, identity, state
+from xwhep.server.auth import Identity
+from xwhep.server.errors import ApiError
+from xwhep.server.relay import SPARE_TTL, Channel, Refused, Spare, Stream, close_reason
+from xwhep.server.services import common as c
+from xwhep.server.services import tunnels
+from xwhep.server.state import ServerState
+
+router = APIRouter(prefix="/api/v1", tags=["relay"])
+VERDICT_TTL = 1.0  # seconds an accepted client stream's rights check is reused
+log = logging.getLogger("xwhep.relay")
+
+
+async def _deny(ws: WebSocket, status: int, message: str) -> None:
+    """Refuse the handshake with an HTTP error the client can read (or a close code if unsupported)."""
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        await ws.send_denial_response(FastJSON({"error": message, "field": None}, status_code=status))
+    else:  # the close reason is all the client gets then
+        await ws.close(code=4000 + status if 400 <= status < 600 else 4000, reason=message[:120])
+
+
+async def _auth(ws: WebSocket) -> Identity | None:
+    """The handshake's bearer token, checked like an HTTP request's; None after refusing."""
+    try:
+        return await identity(ws)  # type: ignore[arg-type]  # reads only .headers and .app, as WebSocket has
+    except ApiError as exc:
+        await _deny(ws, exc.status, exc.message)
+        return None
+
+
+def _uid(ws: WebSocket, value: str, field: str) -> str | None:
+    try:
+        return c.ref(value, field)
+    except ApiError:
+        return None
+
+
+def _still_running(st: ServerState, tasks: list[str | None]) -> Any:
+    """A check for the splice: a reason to end the stream once one of ``tasks`` is no longer running.
+
+    Only tasks this process knows as running are watched (with several server processes, another one may have
+    started the task; the worker then ends the stream itself when the job ends)."""
+    active = st.liveness.active_tasks
+    watched = [t for t in tasks if t and t in active]
+    if not watched:
+        return None
+
+    def check() -> str | None:
+        return "the work ended" if any(t not in active for t in watched) else None
+
+    return check
+
+
+async def _refuse(ws: WebSocket, status: int, message: str) -> None:
+    with contextlib.suppress(Exception):
+        await ws.close(4000 + status if 400 <= status < 600 else 4000, close_reason(message))
+
+
+async def _wait_open(ws: WebSocket) -> bool:
+    """Accept an initiator and wait (at most SPARE_TTL) for its ``open``; False if it left or misbehaved."""
+    await ws.accept()
+    try:
+        first = await asyncio.wait_for(ws.receive(), SPARE_TTL)
+    except TimeoutError:
+        await _refuse(ws, 408, "idle too long: dial again")
+        return False
+    if first["type"] == "websocket.disconnect":
+        return False
+    if first.get("text") != "open":
+        await _refuse(ws, 400, "expected the text message open")
+        return False
+    return True
+
+
+async def _relay(st: ServerState, ws: WebSocket, ch: Channel, offer: dict[str, Any], work: str | None,
+                 task: str | None, watch: list[str | None], events: list[dict[str, Any]]) -> None:
+    """Ask ``ch`` for a stream; once the target joined, tell the initiator ``ok`` and splice until the end."""
+    try:
+        stream = await st.relay.connect(ch, offer, work=work, task=task)
+    except Refused as exc:
+        for e in events:
+            e.update(action="tunnel.refuse", detail=f"{e.get('detail')}: {exc.message}")
+        await st.db.run(c.events, events)
+        await _refuse(ws, exc.status, exc.message)
+        return
+    try:
+        await ws.send_text("ok")
+    except Exception:  # the initiator gave up meanwhile
+        await _end_unused(stream)
+        return
+    st.relay.record(events, lambda batch: st.db.run(c.events, batch))
+    await st.relay.splice(stream, ws, _still_running(st, watch))
+
+
+async def _end_unused(stream: Stream) -> None:
+    acceptor = stream.acceptor.result()
+    with contextlib.suppress(Exception):
+        await acceptor.close(1001, "the initiator left")
+    stream.ended.set()
+
+
+async def _keep_spare(st: ServerState, ws: WebSocket, kind: Literal["host", "proxy"], key: str,
+                      owner: str) -> None:
+    """Keep an accepted spare until a stream takes it (then until the stream ends) or it idles out."""
+    spare = Spare(kind, key, owner, ws)
+    st.relay.add_spare(spare)
+    try:
+        await asyncio.wait_for(spare.taken.wait(), SPARE_TTL)
+    except TimeoutError:
+        st.relay.drop_spare(spare)
+    if not spare.done.is_set():
+        await spare.done.wait()
+    if not spare.used:
+        await _refuse(ws, 408, "idle spare expired: dial again")
+
+
+async def _control_loop(st: ServerState, ch: Channel) -> None:
+    """Read a control channel until it closes; the peer may refuse a stream it was asked for."""
+    await st.relay.attach(ch)
+    try:
+        while True:
+            msg = await ch.ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            text = msg.get("text")
+            if not text:
+                continue
+            try:
+                data = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and data.get("op") == "refuse" and isinstance(data.get("stream"), str):
+                st.relay.refuse(ch, data["stream"], str(data.get("reason") or "refused"))
+    finally:
+        st.relay.detach(ch)
+
+
+@router.websocket("/hosts/{uid}/channel")
+async def host_channel(ws: WebSocket, uid: str) -> None:
+    """A worker's control channel: the server asks for streams to its jobs' listen ports on it."""
+    st = state(ws)  # type: ignore[arg-type]
+    ident = await _auth(ws)
+    if ident is None:
+        return
+    host = _uid(ws, uid, "uid")
+    try:
+        if host is None:
+            raise ApiError(400, f"uid: malformed uid {uid!r}")
+        await hostcache.lookup(st, ident, host)
+    except ApiError as exc:
+        await _deny(ws, exc.status, exc.message)
+        return
+    await ws.accept()
+    await _control_loop(st, Channel("host", host, ident.uid, ws))
+
+
+async def _check_work_port(st: ServerState, ident: Identity, work: str, port: int) -> tunnels.Verdict:
+    """The rights check of a client stream, reused for a second (a browser opens connections in bursts): a
+    change of rights applies to new streams within that second. A refusal is never reused."""
+    key = (ident.uid, ident.level, ident.usergroup, work, port)
+    hit = st.relay.verdicts.get(key)
+    now = time.monotonic()
+    if hit is not None and hit[0] > now and st.relay.host_connected(hit[1].host or ""):
+        v = hit[1]
+        return tunnels.Verdict(True, host=v.host, task=v.task, work=v.work, port=v.port, events=[
+            {k: x for k, x in e.items() if k != "time"} for e in v.events])
+    v = await st.db.run(tunnels.check_work_port, ident, work, port, st.relay.host_connected)
+    if v.ok:
+        if len(st.relay.verdicts) > 10_000:
+            st.relay.verdicts.clear()
+        st.relay.verdicts[key] = (now + VERDICT_TTL, v)
+    return v
+
+
+@router.websocket("/works/{uid}/ports/{port}")
+async def work_port(ws: WebSocket, uid: str, port: int) -> None:
+    """A client's stream to port ``port`` of work ``uid`` (``xwproxy UID --xwlistenport …``)."""
+    st = state(ws)  # type: ignore[arg-type]
+    ident = await _auth(ws)
+    if ident is None:
+        return
+    work = _uid(ws, uid, "uid")
+    if work is None:
+        await _deny(ws, 400, f"uid: malformed uid or URI {uid!r}")
+        return
+    if not await _wait_open(ws):
+        return
+    v = await _check_work_port(st, ident, work, port)
+    if not v.ok:
+        await _refuse(ws, v.status, v.message)
+        return
+    ch = st.relay.hosts.get(v.host or "")
+    if ch is None:
+        await _refuse(ws, 503, f"the worker running work {work} just disconnected: try again")
+        return
+    await _relay(st, ws, ch, {"task": v.task, "work": work, "port": port}, work, v.task, [v.task], v.events)
+
+
+@router.websocket("/proxies")
+async def proxy_channel(ws: WebSocket, address: str | None = None, key: str | None = None) -> None:
+    """Register a server proxy (``xwproxy --xwlistenport P``): its address is usable by its owner's works."""
+    st = state(ws)  # type: ignore[arg-type]
+    ident = await _auth(ws)
+    if ident is None:
+        return
+    if ident.is_worker:
+        await _deny(ws, 403, f"{ident.login} ({ident.level.name}) may not register server proxies")
+        return
+    if address is not None:
+        if not key or not st.relay.check_proxy_key(ident.uid, address, key):
+            await _deny(ws, 403, f"server proxy {address}: wrong key, or it belongs to another user")
+            return
+    else:
+        address = st.relay.new_proxy_address()
+    await ws.accept()
+    await ws.send_text(json.dumps({"address": address, "key": st.relay.proxy_key(ident.uid, address)}))
+    await st.db.run(lambda conn: c.event(conn, ident.uid, "tunnel.proxy", None, detail=f"server proxy {address}"))
+    await _control_loop(st, Channel("proxy", address, ident.uid, ws))
+
+
+@router.websocket("/hosts/{uid}/tasks/{task}/forward")
+async def forward(ws: WebSocket, uid: str, task: str, address: str) -> None:
+    """A job's stream to one of its forward addresses, opened by the worker running the job."""
+    st = state(ws)  # type: ignore[arg-type]
+    ident = await _auth(ws)
+    if ident is None:
+        return
+    host, task_uid = _uid(ws, uid, "uid"), _uid(ws, task, "task")
+    try:
+        if host is None or task_uid is None:
+            raise ApiError(400, "malformed host or task uid")
+        await hostcache.lookup(st, ident, host)
+    except ApiError as exc:
+        await _deny(ws, exc.status, exc.message)
+        return
+    if not await _wait_open(ws):
+        return
+    v = await st.db.run(tunnels.check_forward, host, task_uid, address, st.relay.host_connected,
+                        st.relay.proxy_owner)
+    if not v.ok:
+        await _refuse(ws, v.status, v.message)
+        return
+    if v.proxy is not None:
+        ch = st.relay.proxies.get(v.proxy)
+        offer: dict[str, Any] = {"address": v.proxy}
+    else:
+        ch = st.relay.hosts.get(v.host or "")
+        offer = {"task": v.task, "work": v.work, "port": v.port}
+    if ch is None:
+        await _refuse(ws, 503, f"{address} just disconnected: try again")
+        return
+    await _relay(st, ws, ch, offer, v.work, v.task, [task_uid, v.task], v.events)
+
+
+@router.websocket("/hosts/{uid}/spare")
+async def host_spare(ws: WebSocket, uid: str) -> None:
+    """A worker's spare WebSocket: the next stream to one of its jobs' ports is handed to it."""
+    st = state(ws)  # type: ignore[arg-type]
+    ident = await _auth(ws)
+    if ident is None:
+        return
+    host = _uid(ws, uid, "uid")
+    try:
+        if host is None:
+            raise ApiError(400, f"uid: malformed uid {uid!r}")
+        await hostcache.lookup(st, ident, host)
+    except ApiError as exc:
+        await _deny(ws, exc.status, exc.message)
+        return
+    await ws.accept()
+    await _keep_spare(st, ws, "host", host, ident.uid)
+
+
+@router.websocket("/proxies/spare")
+async def proxy_spare(ws: WebSocket, address: str) -> None:
+    """A server proxy's spare WebSocket (its owner only)."""
+    st = state(ws)  # type: ignore[arg-type]
+    ident = await _auth(ws)
+    if ident is None:
+        return
+    if st.relay.proxy_owner(address) != ident.uid:
+        await _deny(ws, 404, f"no server proxy {address} of yours is connected")
+        return
+    await ws.accept()
+    await _keep_spare(st, ws, "proxy", address, ident.uid)
+
+
+@router.websocket("/relay/{sid}")
+async def relay_join(ws: WebSocket, sid: str) -> None:
+    """The target of a stream joins it (a worker for a listen port, ``xwproxy`` for a server proxy)."""
+    st = state(ws)  # type: ignore[arg-type]
+    ident = await _auth(ws)
+    if ident is None:
+        return
+    stream = st.relay.join(sid, ident.uid)
+    if stream is None:
+        await _deny(ws, 404, "no such stream (it timed out, or was asked of someone else)")
+        return
+    await ws.accept()
+    if stream.acceptor.done():  # the initiator stopped waiting in between
+        await ws.close(1001, "the stream was given up")
+        return
+    stream.acceptor.set_result(ws)
+    await stream.ended.wait()
+
+
+Ident = Annotated[Identity, Depends(identity)]
+St = Annotated[ServerState, Depends(state)]
+
+
+@router.get("/relay")
+async def relay_stats(ident: Ident, st: St) -> FastJSON:
+    """Connected control channels and open streams (administrators)."""
+    if not ident.is_admin:
+        raise ApiError(403, f"{ident.login} may not see the relay's state")
+    return FastJSON(st.relay.stats())
+
+
+@router.delete("/relay/hosts/{uid}")
+async def relay_drop_host(uid: str, ident: Ident, st: St) -> FastJSON:
+    """Close a worker's control channel and spares (administrators): it reconnects; streams in flight go on."""
+    if not ident.is_admin:
+        raise ApiError(403, f"{ident.login} may not drop relay channels")
+    host = c.ref(uid, "uid")
+    dropped = await st.relay.drop("host", host)
+    await st.db.run(lambda conn: c.event(conn, ident.uid, "tunnel.drop", host, detail=f"{dropped} connection(s)"))
+    return FastJSON({"dropped": dropped})
