@@ -11,6 +11,7 @@ Waits are on observable states (work status, relay state, a service answering), 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import queue
@@ -165,10 +166,10 @@ def curl_until_ok(url: str, timeout: float = 30, prefix: list[str] | None = None
 def result_files(client: Client, uid: str, dest: Path) -> dict[str, bytes]:
     """A work's result: the members of its zip, or the lone file under its name."""
     path = client.fetch_result(uid, dest)
-    if zipfile.is_zipfile(path):
+    if path.name == f"{uid}-result.zip":
         with zipfile.ZipFile(path) as z:
             return {n: z.read(n) for n in z.namelist()}
-    return {path.name: path.read_bytes()}
+    return {path.name.removeprefix(f"{uid}-"): path.read_bytes()}
 
 
 def write_conf(server: ServerProc, path: Path, login: str, password: str) -> Path:
@@ -212,7 +213,7 @@ TCPSERV_APP = r"""#!/usr/bin/python3
 #   ECHO     everything back until EOF, then close (a half-close keeps the echo coming)
 #   SHA      read until EOF, answer the sha256 (hex) of what came
 #   GEN n s  send n bytes of random.Random(s), then close
-#   HOLD     read nothing, keep the connection until the peer leaves
+#   HOLD     read nothing, keep the connection as long as the job runs
 import hashlib, random, socket, sys, threading
 
 def line(c):
@@ -250,7 +251,7 @@ def serve(c):
                 c.sendall(rng.randbytes(k))
                 n -= k
         elif cmd[0] == "HOLD":
-            c.recv(1)  # blocks: never reads the stream's data
+            threading.Event().wait()  # never reads the stream's data; the connection lasts as long as the job
     finally:
         c.close()
 
@@ -340,3 +341,25 @@ def stop_grid(grid: Grid) -> None:
         grid.worker.stop()
     grid.admin.close()
     grid.server.stop()
+
+
+def relay_request(conf: Path, path: str, params: dict[str, str] | None = None) -> None:
+    """Open a relay stream as the user of ``conf`` (the initiator side, as xwproxy or a worker does) and close it;
+    :class:`StreamError` carries the refusal (``status``: the HTTP status)."""
+    from xwhep.client.config import load
+    from xwhep.client.streams import Dialer, request
+
+    cfg = load(conf)
+    client = Client.from_config(conf)
+
+    async def go() -> None:
+        ws = await Dialer(client, cfg.ca).open(path, params)
+        try:
+            await request(ws)
+        finally:
+            await ws.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        client.close()

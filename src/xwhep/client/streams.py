@@ -28,15 +28,16 @@ from websockets.protocol import State
 from xwhep import __version__
 from xwhep.client.sdk import Client, XwError
 
-CHUNK = 256 * 1024  # bytes per message: large enough for throughput, well under the server's 1 MiB frame limit
+CHUNK = 1024 * 1024 - 1024  # bytes per message: few per-message costs, just under the server's 1 MiB frame limit
 EOF = "eof"
 CLOSE_LOCAL_ERROR = 4001  # the local socket failed (reset, refused)
 CLOSE_GOING_AWAY = 1001
 CLOSE_REFUSED = 4502  # the target's local side refused (nothing listens on that port)
 FRESH = 240.0  # seconds a WebSocket dialed ahead is used (the server drops idle ones after 300)
+CLOSE_WAIT = 2.0  # seconds a close may take before the connection is aborted
 # A used WebSocket dialed ahead is replaced after this delay, not at once: its TLS handshake costs milliseconds of
 # CPU on both ends, which would otherwise compete with the first bytes of the stream that just used it.
-REFILL_DELAY = 0.1
+REFILL_DELAY = 0.01
 
 
 class StreamError(Exception):
@@ -201,7 +202,7 @@ class Ahead:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         for ws in self.ready:
-            await ws.close()
+            await close_ws(ws)
 
 
 Handler = Callable[[ClientConnection, dict[str, Any]], Awaitable[None]]
@@ -234,6 +235,9 @@ class Spares:
             try:
                 first = await ws.recv()
                 msg = json.loads(first)
+            except asyncio.CancelledError:  # not needed any more: say so, or the server would hand it a stream
+                await close_ws(ws, 1001, "not needed any more")
+                raise
             except (ConnectionClosed, ValueError):
                 await ws.close()
                 await asyncio.sleep(0.05 if ws.close_code == 4408 else delay * random.uniform(0.5, 1.0))
@@ -290,6 +294,16 @@ def _abort(writer: asyncio.StreamWriter) -> None:
         writer.transport.abort()
 
 
+async def close_ws(ws: ClientConnection, code: int = 1000, reason: str = "") -> None:
+    """Close, but never wait long: a peer that stopped reading (a stalled stream) would block the close frame
+    behind the data queued before it; then the connection is aborted."""
+    try:
+        await asyncio.wait_for(ws.close(code, reason), CLOSE_WAIT)
+    except (TimeoutError, OSError, ConnectionClosed):
+        with contextlib.suppress(Exception):
+            ws.transport.abort()
+
+
 async def splice(ws: ClientConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  verdict: str | None = None) -> StreamError | None:
     """Relay between the WebSocket and the local socket until both directions ended, then close both.
@@ -304,7 +318,7 @@ async def splice(ws: ClientConnection, reader: asyncio.StreamReader, writer: asy
         done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
         failed = [t.exception() for t in done if t.exception() is not None]
         if not failed:  # both sides said eof: a clean end
-            await ws.close()
+            await close_ws(ws)
             writer.close()
             return None
         err = failed[0]
@@ -316,17 +330,16 @@ async def splice(ws: ClientConnection, reader: asyncio.StreamReader, writer: asy
             _abort(writer)
             return closed_error(err)
         if isinstance(err, _LocalRefused):
-            await ws.close(CLOSE_REFUSED, str(err)[:120])
+            await close_ws(ws, CLOSE_REFUSED, str(err)[:120])
             _abort(writer)
             return StreamError(str(err), 502)
         # the local socket failed
-        await ws.close(CLOSE_LOCAL_ERROR, f"{type(err).__name__}: {err}"[:120])
+        await close_ws(ws, CLOSE_LOCAL_ERROR, f"{type(err).__name__}: {err}"[:120])
         _abort(writer)
         return StreamError(f"local connection failed: {err}")
     except asyncio.CancelledError:
         _abort(writer)
-        with contextlib.suppress(Exception):
-            await asyncio.shield(ws.close(CLOSE_GOING_AWAY, "the stream was ended"))
+        await close_ws(ws, CLOSE_GOING_AWAY, "the stream was ended")
         raise
     finally:
         for t in (up, down):
@@ -336,5 +349,4 @@ async def splice(ws: ClientConnection, reader: asyncio.StreamReader, writer: asy
 
 async def refuse_local(ws: ClientConnection, reason: str) -> None:
     """End a stream whose local side could not be reached."""
-    with contextlib.suppress(Exception):
-        await ws.close(CLOSE_LOCAL_ERROR, reason[:120])
+    await close_ws(ws, CLOSE_LOCAL_ERROR, reason[:120])

@@ -50,6 +50,7 @@ OPEN_TIMEOUT = 10.0  # seconds a target has to join a stream it was asked for
 SPARE_TTL = 300.0  # seconds an idle spare (or an initiator that has not asked yet) is kept
 MAX_SPARES = 8  # idle spares kept per worker or server proxy
 EVENT_DELAY = 0.05  # seconds the events of opened streams wait, to be written together
+CLOSE_WAIT = 2.0  # seconds a close frame may wait behind a stalled stream's data
 WATCH_PERIOD = 2.0  # seconds between two checks that a stream's work still runs
 MAX_STREAMS = 1024  # concurrent streams per control channel
 CLOSE_WORK_ENDED = 4410
@@ -123,9 +124,10 @@ def close_reason(text: str) -> str:
 
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
-    # The side may already be gone or closing: nothing to do then.
+    # The side may already be gone or closing: nothing to do then. A side that stopped reading (a stalled stream)
+    # blocks the close frame behind its queued data: give up waiting; the connection goes when the handler ends.
     with contextlib.suppress(Exception):
-        await ws.close(code, close_reason(reason))
+        await asyncio.wait_for(ws.close(code, close_reason(reason)), CLOSE_WAIT)
 
 
 class Hub:

@@ -51,7 +51,7 @@ T = TypeVar("T")
 FORWARDER = Path(__file__).with_name("xwfwd.py")
 SOCKETS = "/xw/sockets"  # where the native executor binds the socket directory
 TAKE_TIMEOUT = 10.0  # seconds to get an idle forwarder connection and its answer
-SPARES = 2  # spare WebSockets kept while a job has listen ports (new streams skip a TLS handshake)
+SPARES = 2  # spare WebSockets kept with the control channel (new streams skip a TLS handshake)
 
 
 class TunnelError(Exception):
@@ -295,8 +295,10 @@ class TunnelManager:
         await self._serve_listen(job, msg, ws)
 
     def _update_spares(self) -> None:
-        """Keep spares while some job has listen ports (only then can a stream come)."""
-        wanted = self.incoming and self.host is not None and any(j.listen for j in self.jobs.values())
+        """Keep spares while incoming connections are on (with the control channel): new streams to the jobs'
+        ports skip a TLS handshake. Not tied to jobs: spares dropped when a job ends could race with a stream
+        the server is handing out for the next job."""
+        wanted = self.incoming and self.host is not None
         if wanted and self.spares is None:
             self.spares = Spares(self.dialer, f"/hosts/{self.host}/spare", self._on_spare, n=SPARES)
             self.spares.start()
@@ -352,7 +354,6 @@ class TunnelManager:
             job.ahead[port] = Ahead(self.dialer, f"/hosts/{self.host}/tasks/{job.task}/forward",
                                     {"address": address})
             job.ahead[port].start()
-        self._update_spares()
         for kind, port, sock in sockets:
             if kind == "listen":
                 queue: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
@@ -411,7 +412,6 @@ class TunnelManager:
         await asyncio.gather(*job.streams, return_exceptions=True)
         for ahead in job.ahead.values():
             await ahead.close()
-        self._update_spares()
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

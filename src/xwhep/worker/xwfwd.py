@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 
-CHUNK = 256 * 1024
+CHUNK = 1024 * 1024
 POOL = 4  # idle connections kept per listen port: new streams never wait for a connect
 GRACE = 1.0  # seconds streams in flight may still flush after the job exited
 

@@ -35,6 +35,7 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = normalize_url(url)
         self.is_sqlite = self.url.startswith("sqlite")
+        self._conn: sa.Connection | None = None
         if self.is_sqlite:
             self.engine = sa.create_engine(self.url, poolclass=StaticPool,
                                            connect_args={"check_same_thread": False})
@@ -54,6 +55,12 @@ class Database:
 
     def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in one transaction, from synchronous code."""
+        if self.is_sqlite:
+            # one long-lived connection: no pool checkout per transaction on the hot paths
+            if self._conn is None:
+                self._conn = self.engine.connect()
+            with self._conn.begin():
+                return fn(self._conn, *args)
         with self.engine.begin() as conn:
             return fn(conn, *args)
 
@@ -64,6 +71,9 @@ class Database:
         return await anyio.to_thread.run_sync(self.run_sync, fn, *args)
 
     def dispose(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
         self.engine.dispose()
 
 

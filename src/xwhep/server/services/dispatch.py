@@ -109,16 +109,16 @@ def claim(conn: Connection, host: HostProfile, picked: list[str]) -> tuple[list[
     """Claim the picked works for ``host`` (compare-and-set) and describe them for the worker."""
     t = c.now()
     eff = Effects()
-    claimed: list[tuple[str, str]] = []
-    for uid in picked:
-        task = new_uid()
-        r = conn.execute(s.works.update().where(s.works.c.uid == uid, s.works.c.status == W.PENDING)
-                         .values(status=W.RUNNING, host=host.uid, task=task, started=t, modified=t))
-        if r.rowcount == 1:
-            claimed.append((uid, task))
-    if not claimed:
+    if not picked:
         return [], eff
-    task_of = dict(claimed)
+    mine = {uid: new_uid() for uid in picked}
+    # one compare-and-set per work in one executemany; then read back which ones carry our task uid (another
+    # server process may have won some of them)
+    conn.execute(_CLAIM, [{"u": uid, "k": task, "h": host.uid, "t": t} for uid, task in mine.items()])
+    task_of = {uid: task for uid, task in conn.execute(
+        sa.select(s.works.c.uid, s.works.c.task).where(s.works.c.uid.in_(mine))).all() if mine[uid] == task}
+    if not task_of:
+        return [], eff
     works = conn.execute(sa.select(s.works).where(s.works.c.uid.in_(task_of))).mappings().all()
     app_uids = {w["app"] for w in works}
     apps = {a["uid"]: dict(a) for a in conn.execute(sa.select(s.apps).where(s.apps.c.uid.in_(app_uids))).mappings()}
@@ -188,17 +188,59 @@ def _task_and_work(conn: Connection, task_uid: str) -> tuple[dict[str, Any] | No
     return dict(task), (dict(work) if work else None)
 
 
+_CLAIM = (s.works.update().where(s.works.c.uid == sa.bindparam("u"), s.works.c.status == W.PENDING)
+          .values(status=W.RUNNING, host=sa.bindparam("h"), task=sa.bindparam("k"), started=sa.bindparam("t"),
+                  modified=sa.bindparam("t")))
+_DONE_TASK = (s.tasks.update().where(s.tasks.c.uid == sa.bindparam("k"))
+              .values(status=TaskStatus.COMPLETED, ended=sa.bindparam("t"), modified=sa.bindparam("t"),
+                      return_code=sa.bindparam("rc")))
+_DONE_WORK = (s.works.update().where(s.works.c.uid == sa.bindparam("w"))
+              .values(status=W.COMPLETED, modified=sa.bindparam("t"), completed=sa.bindparam("t"),
+                      return_code=sa.bindparam("rc")))
+
+
 def report(conn: Connection, ident: Identity, host_uid: str, reports: list[Mapping[str, Any]],
            blob_exists: Any) -> tuple[list[dict[str, Any]], Effects]:
-    """Workers report finished tasks; each gets an outcome: done, upload (send the result), or stale."""
+    """Workers report finished tasks; each gets an outcome: done, upload (send the result), or stale.
+
+    The common case (COMPLETED without a result, current attempt, no replicas) is done for the whole batch in a
+    few statements; everything else goes one by one through the state graph.
+    """
     own_host(conn, ident, host_uid)
     eff = Effects()
+    uids = [c.ref(str(rep.get("task") or ""), "task") for rep in reports]
+    cols = (s.tasks.c.uid, s.tasks.c.status, s.tasks.c.host, s.works.c.uid.label("w"), s.works.c.status.label("ws"),
+            s.works.c.task.label("current"), s.works.c.owner, s.works.c.replicas, s.works.c.replica_of)
+    q = (sa.select(*cols).select_from(s.tasks.join(s.works, s.works.c.uid == s.tasks.c.work))
+         .where(s.tasks.c.uid.in_(uids)).with_for_update())  # PostgreSQL: hold both rows until commit
+    rows = {r["uid"]: r for r in conn.execute(q).mappings()}
+    fast: dict[str, dict[str, Any]] = {}
+    transition(W.RUNNING, W.COMPLETED)  # the batch below takes this edge of the graph
+    for uid, rep in zip(uids, reports, strict=True):
+        r = rows.get(uid)
+        if (r is not None and r["host"] == host_uid and r["status"] == TaskStatus.RUNNING and r["current"] == uid
+                and r["ws"] == W.RUNNING and r["replicas"] == 1 and r["replica_of"] is None
+                and str(rep.get("status") or "COMPLETED").upper() == "COMPLETED" and not rep.get("result")
+                and uid not in fast):
+            fast[uid] = {"k": uid, "w": r["w"], "rc": rep.get("return_code"), "owner": r["owner"]}
+    if fast:
+        t = c.now()
+        batch = [{**f, "t": t} for f in fast.values()]
+        conn.execute(_DONE_TASK, batch)
+        conn.execute(_DONE_WORK, batch)
+        c.events(conn, ({"actor": ident.uid, "action": "work.transition", "object": f["w"], "source": "RUNNING",
+                         "target": "COMPLETED"} for f in fast.values()))
+        for f in fast.values():
+            eff.running[f["owner"]] -= 1
+            eff.tasks_ended.append(f["k"])
     outcomes = []
-    for rep in reports:
-        task_uid = c.ref(str(rep.get("task") or ""), "task")
-        task, work = _task_and_work(conn, task_uid)
+    for uid, rep in zip(uids, reports, strict=True):
+        if uid in fast:
+            outcomes.append({"task": uid, "outcome": "done"})
+            continue
+        task, work = _task_and_work(conn, uid)
         if task is None or task["host"] != host_uid:
-            outcomes.append({"task": task_uid, "outcome": "stale", "message": "no such task on this host"})
+            outcomes.append({"task": uid, "outcome": "stale", "message": "no such task on this host"})
             continue
         outcomes.append(_one_report(conn, ident, task, work, rep, eff, blob_exists))
     return outcomes, eff
