@@ -162,7 +162,10 @@ def test_a_port_nobody_listens_on_is_refused_with_a_reason(grid: Grid) -> None:
             p7000, p7001 = proxy.port(), proxy.port()
             wait_for(lambda: _echo(p7000, b"x") == b"x", 30, "tcpserv to answer")
             with socket.create_connection(("127.0.0.1", p7001), timeout=30) as s:
-                assert _read_all(s) == b""  # closed without data
+                try:
+                    assert _read_all(s) == b""  # ended without data…
+                except ConnectionResetError:  # …or reset: a failed stream must not look like a clean end
+                    pass
             wait_for(lambda: "nothing listens on port 7001" in proxy.stderr, 15, "xwproxy to say why")
     finally:
         grid.end(uid)

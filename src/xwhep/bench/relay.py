@@ -168,6 +168,14 @@ def _answers(port: int) -> bool:
         return False
 
 
+def _listens(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -212,15 +220,18 @@ def ssh_tunnel(tmp: Path, target: int) -> Iterator[int]:
     sshd_port, local = _free_port(), _free_port()
     user = os.environ.get("USER") or ("root" if os.geteuid() == 0 else os.getlogin())
     with _proc([sshd, "-D", "-e", "-f", str(d / "sshd_config"), "-p", str(sshd_port)],
-               stderr=subprocess.DEVNULL), \
-            _proc(["ssh", "-N", "-L", f"127.0.0.1:{local}:127.0.0.1:{target}", "-p", str(sshd_port), "-i",
-                   str(d / "user_key"), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
-                   "UserKnownHostsFile=/dev/null", "-o", "ExitOnForwardFailure=yes", f"{user}@127.0.0.1"],
-                  stderr=subprocess.DEVNULL) as ssh:
-        _until(lambda: ssh.poll() is not None or _answers(local), 30, "the ssh -L tunnel")
-        if ssh.poll() is not None:
-            raise Skipped("ssh -L could not be set up (sshd refused the throwaway key?)")
-        yield local
+               stderr=subprocess.DEVNULL) as daemon:
+        _until(lambda: daemon.poll() is not None or _listens(sshd_port), 30, "the throwaway sshd")
+        if daemon.poll() is not None:
+            raise Skipped(f"the throwaway sshd did not start (rc {daemon.returncode})")
+        with _proc(["ssh", "-N", "-L", f"127.0.0.1:{local}:127.0.0.1:{target}", "-p", str(sshd_port), "-i",
+                    str(d / "user_key"), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
+                    "UserKnownHostsFile=/dev/null", "-o", "ExitOnForwardFailure=yes", f"{user}@127.0.0.1"],
+                   stderr=subprocess.DEVNULL) as ssh:
+            _until(lambda: ssh.poll() is not None or _answers(local), 30, "the ssh -L tunnel")
+            if ssh.poll() is not None:
+                raise Skipped("ssh -L could not be set up (sshd refused the throwaway key?)")
+            yield local
 
 
 @contextlib.contextmanager
@@ -310,12 +321,12 @@ def measure(settings: Settings, tmp: Path) -> dict[str, Any]:
         with relay_tunnel(tmp, service) as relay_port:
             relay = _throughput(relay_port, size, repeat)
             relay_lat = _latency(relay_port, samples)
-    for name, values in (("ssh", ssh), ("relay", relay)):
-        for k, v in values.items():
+    for name, rates in (("ssh", ssh), ("relay", relay)):
+        for k, v in rates.items():
             out[f"{name}_{k}"] = rnd(v)
-    for name, values in (("direct", direct), ("ssh", ssh_lat), ("relay", relay_lat)):
-        out[f"{name}_connect_p50_ms"] = rnd(percentile(values, 50), 2)
-        out[f"{name}_connect_p99_ms"] = rnd(percentile(values, 99), 2)
+    for name, latencies in (("direct", direct), ("ssh", ssh_lat), ("relay", relay_lat)):
+        out[f"{name}_connect_p50_ms"] = rnd(percentile(latencies, 50), 2)
+        out[f"{name}_connect_p99_ms"] = rnd(percentile(latencies, 99), 2)
     out["ratio_upload"] = rnd(relay["upload_mib_per_s"] / ssh["upload_mib_per_s"], 3)
     out["ratio_download"] = rnd(relay["download_mib_per_s"] / ssh["download_mib_per_s"], 3)
     out["added_connect_p50_ms"] = rnd((percentile(relay_lat, 50) or 0) - (percentile(direct, 50) or 0), 2)

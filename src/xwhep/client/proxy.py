@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -34,7 +35,7 @@ from websockets.exceptions import ConnectionClosed
 from xwhep.client.classic import CONFIG, HELP, Opt, UsageError, parse_argv
 from xwhep.client.config import ConfigError, load
 from xwhep.client.sdk import Client, XwError, uid_of
-from xwhep.client.streams import CHUNK, Ahead, Dialer, Spares, StreamError, splice
+from xwhep.client.streams import Ahead, Dialer, Spares, StreamError, local_socket, splice
 from xwhep.core.tunnels import BadAddress, parse_ports, port_number
 
 PROG = "xwproxy"
@@ -87,50 +88,52 @@ async def to_work(client: Client, dialer: Dialer, uid: str, local: list[int]) ->
         raise UsageError(f"work {uid} listens on {len(ports)} port(s) ({','.join(map(str, ports))}): "
                          f"give at most as many local ports")
     tasks: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
 
-    def handler(port: int, ahead: Ahead) -> Any:
-        def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            t = asyncio.create_task(_client_stream(ahead, port, reader, writer))
+    async def accept(listener: socket.socket, port: int, ahead: Ahead) -> None:
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            t = asyncio.create_task(_client_stream(ahead, port, local_socket(conn)))
             tasks.add(t)
             t.add_done_callback(tasks.discard)
-        return accept
 
-    servers = []
+    listeners: list[socket.socket] = []
     aheads = []
     try:
         for lp, rp in zip(local, ports, strict=False):
-            ahead = Ahead(dialer, f"/works/{uid}/ports/{rp}")  # one WebSocket dialed ahead per port
-            aheads.append(ahead)
             try:
-                srv = await asyncio.start_server(handler(rp, ahead), "127.0.0.1", lp, limit=CHUNK)
+                listener = socket.create_server(("127.0.0.1", lp), backlog=128)  # loopback only, by design
             except OSError as exc:
                 raise XwError(f"cannot listen on 127.0.0.1:{lp}: {exc.strerror or exc}") from None
-            servers.append(srv)
+            listener.setblocking(False)
+            listeners.append(listener)
+            ahead = Ahead(dialer, f"/works/{uid}/ports/{rp}")  # WebSockets dialed ahead, per port
+            aheads.append(ahead)
             ahead.start()
-            actual = srv.sockets[0].getsockname()[1]
-            print(f"127.0.0.1:{actual} {work['uri']}:{rp}", flush=True)
+            t = asyncio.create_task(accept(listener, rp, ahead))
+            tasks.add(t)
+            print(f"127.0.0.1:{listener.getsockname()[1]} {work['uri']}:{rp}", flush=True)
         if work.get("status") != "RUNNING":
             _say(f"work {uid} is {work.get('status')}: connections are refused until it runs")
         await asyncio.Event().wait()
     finally:
-        for srv in servers:
-            srv.close()
         for t in list(tasks):
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for listener in listeners:
+            listener.close()
         for ahead in aheads:
             await ahead.close()
 
 
-async def _client_stream(ahead: Ahead, port: int, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
+async def _client_stream(ahead: Ahead, port: int, sock: socket.socket) -> None:
     try:
         ws = await ahead.stream(wait=False)  # the application's first bytes follow the request at once
     except StreamError as exc:
         _say(f"error: port {port}: {exc.message}")
-        writer.close()
+        sock.close()
         return
-    err = await splice(ws, reader, writer)
+    err = await splice(ws, sock)
     if err is not None and err.status is not None:  # refused by the server or the job's side: say why
         _say(f"error: port {port}: {err.message}")
 
@@ -189,9 +192,11 @@ async def server_proxy(dialer: Dialer, port: int) -> None:
 async def _proxy_stream(dialer: Dialer, ws: ClientConnection, port: int, sid: str, spare: bool = False) -> None:
     """Connect to the exposed local port; answer on the spare ``ws`` (or on the control channel ``ws`` and join
     with a new WebSocket), then relay."""
+    sock = local_socket(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=CHUNK)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
     except OSError as exc:
+        sock.close()
         reason = f"nothing listens on the client's port {port}: {exc.strerror or exc}"
         with contextlib.suppress(Exception):
             if spare:
@@ -206,9 +211,9 @@ async def _proxy_stream(dialer: Dialer, ws: ClientConnection, port: int, sid: st
             stream = await dialer.open(f"/relay/{sid}", ping_interval=None)
         except StreamError as exc:
             _say(f"error: stream {sid[:8]}: {exc.message}")
-            writer.close()
+            sock.close()
             return
-    await splice(stream, reader, writer)
+    await splice(stream, sock)
 
 
 # -- entry point -----------------------------------------------------------------------------------------------------

@@ -16,8 +16,10 @@ import asyncio
 import contextlib
 import json
 import random
+import socket
 import ssl
-from collections.abc import Awaitable, Callable
+import struct
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -102,7 +104,7 @@ class Dialer:
                         pass
                     else:
                         continue
-                raise StreamError(_denial_message(exc.response.body, status), status) from None
+                raise StreamError(_denial_message(bytes(exc.response.body or b""), status), status) from None
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
                 raise StreamError(f"cannot reach {self.client.server}: {exc or type(exc).__name__}") from None
         raise StreamError("unauthorized")  # not reached: the second attempt returns or raises
@@ -205,7 +207,7 @@ class Ahead:
             await close_ws(ws)
 
 
-Handler = Callable[[ClientConnection, dict[str, Any]], Awaitable[None]]
+Handler = Callable[[ClientConnection, dict[str, Any]], Coroutine[Any, Any, None]]
 
 
 class Spares:
@@ -263,35 +265,50 @@ class _LocalRefused(Exception):
     pass
 
 
-async def _up(ws: ClientConnection, reader: asyncio.StreamReader, verdict: str | None) -> None:
+async def _up(ws: ClientConnection, sock: socket.socket, verdict: str | None) -> None:
+    loop = asyncio.get_running_loop()
     if verdict is not None:  # the local side says first whether it could connect
-        first = await reader.read(1)
+        first = await loop.sock_recv(sock, 1)
         if first != b"K":
             raise _LocalRefused(verdict)
+    # One buffer, reused: websockets copies it into the frame before send() returns.
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
     while True:
-        data = await reader.read(CHUNK)
-        if not data:
+        n = await loop.sock_recv_into(sock, buf)
+        if not n:
             break
-        await ws.send(data)
+        await ws.send(view[:n])
     await ws.send(EOF)
 
 
-async def _down(ws: ClientConnection, writer: asyncio.StreamWriter) -> None:
+async def _down(ws: ClientConnection, sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
     while True:
         msg = await ws.recv()
         if isinstance(msg, str):
             if msg == EOF:
-                if writer.can_write_eof():
-                    writer.write_eof()
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
                 return
             continue
-        writer.write(msg)
-        await writer.drain()
+        await loop.sock_sendall(sock, msg)
 
 
-def _abort(writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(Exception):
-        writer.transport.abort()
+def _abort(sock: socket.socket) -> None:
+    """Close with a reset (the application sees the stream fail, not end)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def local_socket(sock: socket.socket) -> socket.socket:
+    """Prepare an accepted or connected local socket for :func:`splice` (non-blocking; no Nagle delay)."""
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 async def close_ws(ws: ClientConnection, code: int = 1000, reason: str = "") -> None:
@@ -304,47 +321,48 @@ async def close_ws(ws: ClientConnection, code: int = 1000, reason: str = "") -> 
             ws.transport.abort()
 
 
-async def splice(ws: ClientConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 verdict: str | None = None) -> StreamError | None:
+async def splice(ws: ClientConnection, sock: socket.socket, verdict: str | None = None) -> StreamError | None:
     """Relay between the WebSocket and the local socket until both directions ended, then close both.
 
     A failure on one side is passed to the other: the local socket is reset when the stream ends abnormally; the
     WebSocket is closed with 4001 when the local socket fails. Cancelling ends the stream at once (1001). With
     ``verdict``, the local side's first byte is ``K`` (connected; not relayed) or anything else (the stream is
-    closed with 4502 and the text ``verdict``). Returns None after a clean end, else what went wrong."""
-    up = asyncio.create_task(_up(ws, reader, verdict))
-    down = asyncio.create_task(_down(ws, writer))
+    closed with 4502 and the text ``verdict``). Returns None after a clean end, else what went wrong. The socket
+    is closed in the end (by this function: it owns it from now on)."""
+    up = asyncio.create_task(_up(ws, sock, verdict))
+    down = asyncio.create_task(_down(ws, sock))
+    reset = True
     try:
         done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
         failed = [t.exception() for t in done if t.exception() is not None]
         if not failed:  # both sides said eof: a clean end
+            reset = False
             await close_ws(ws)
-            writer.close()
             return None
         err = failed[0]
         if isinstance(err, ConnectionClosed):  # the other end (or the relay) ended the stream
             rcvd = err.rcvd
             if rcvd is not None and rcvd.code == 1000:
-                writer.close()
+                reset = False
                 return None
-            _abort(writer)
             return closed_error(err)
         if isinstance(err, _LocalRefused):
             await close_ws(ws, CLOSE_REFUSED, str(err)[:120])
-            _abort(writer)
             return StreamError(str(err), 502)
         # the local socket failed
         await close_ws(ws, CLOSE_LOCAL_ERROR, f"{type(err).__name__}: {err}"[:120])
-        _abort(writer)
         return StreamError(f"local connection failed: {err}")
     except asyncio.CancelledError:
-        _abort(writer)
         await close_ws(ws, CLOSE_GOING_AWAY, "the stream was ended")
         raise
     finally:
-        for t in (up, down):
+        for t in (up, down):  # first: their pending socket operations must go before the socket does
             t.cancel()
         await asyncio.gather(up, down, return_exceptions=True)
+        if reset:
+            _abort(sock)
+        else:
+            sock.close()
 
 
 async def refuse_local(ws: ClientConnection, reason: str) -> None:

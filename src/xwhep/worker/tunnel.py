@@ -15,9 +15,11 @@ The worker only ever listens on those sockets, never connects into the sandbox: 
 files in its socket directory, and nothing it does there can make the worker connect somewhere else.
 
 Everything runs on one asyncio loop in a daemon thread (the rest of the worker is threads with a blocking HTTP
-client). The control channel (a WebSocket the worker opens, ``/hosts/HOST/channel``) is kept only when the
-worker accepts incoming connections: works with listen ports go only to such hosts, and with forward addresses
-alone the worker only connects out, so the other hosts cost the server no connection.
+client). The control channel (a WebSocket the worker opens, ``/hosts/HOST/channel``) and two spare WebSockets
+(``/hosts/HOST/spare``: the server hands new streams to them, no TLS handshake on a stream's path) are kept only
+when the worker accepts incoming connections: works with listen ports go only to such hosts, and with forward
+addresses alone the worker only connects out, so the other hosts cost the server no connection. Each forward
+address of a running job keeps one WebSocket dialed ahead for the same reason.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from xwhep.client.sdk import Client
-from xwhep.client.streams import CHUNK, Ahead, Dialer, Spares, StreamError, refuse_local, splice
+from xwhep.client.streams import Ahead, Dialer, Spares, StreamError, local_socket, refuse_local, splice
 from xwhep.core.tunnels import BadAddress, parse_forwards, parse_ports
 from xwhep.worker.executors.base import JobSpec
 
@@ -75,8 +77,9 @@ class JobTunnels:
     sockdir: Path
     listen: list[int]
     forwards: list[tuple[str, int]]
-    servers: list[asyncio.base_events.Server] = field(default_factory=list)
-    idle: dict[int, asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = field(default_factory=dict)
+    listeners: list[socket.socket] = field(default_factory=list)  # the Unix sockets of its directory
+    accepting: list[asyncio.Task[None]] = field(default_factory=list)
+    idle: dict[int, asyncio.Queue[socket.socket]] = field(default_factory=dict)  # listen port → forwarder conns
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
     ahead: dict[int, Ahead] = field(default_factory=dict)  # forward port → its initiator dialed ahead
 
@@ -226,7 +229,7 @@ class TunnelManager:
             with contextlib.suppress(Exception):
                 await ws.send(json.dumps({"op": "refuse", "stream": sid, "reason": reason}))
 
-    async def _take(self, job: JobTunnels, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _take(self, job: JobTunnels, port: int) -> socket.socket:
         """An idle forwarder connection, told to connect to the job's ``port``. Its first byte will say whether
         that worked (``K``); the stream does not wait for it (see :func:`splice`'s ``verdict``)."""
         queue = job.idle[port]
@@ -237,19 +240,24 @@ class TunnelManager:
             if remaining <= 0:
                 raise TunnelError(f"the job's forwarder did not answer for port {port} (is the job starting?)")
             try:
-                r, w = await asyncio.wait_for(queue.get(), remaining)
+                sock = await asyncio.wait_for(queue.get(), remaining)
             except TimeoutError:
                 continue
-            if w.is_closing() or r.at_eof():  # the forwarder dropped it (e.g. restarting its pool)
-                w.close()
+            try:
+                if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":  # the forwarder dropped it
+                    sock.close()
+                    continue
+            except BlockingIOError:
+                pass  # alive and silent, as an idle connection is
+            except OSError:
+                sock.close()
                 continue
             try:
-                w.write(b"C")
-                await w.drain()
+                await loop.sock_sendall(sock, b"C")
             except OSError:
-                w.close()
+                sock.close()
                 continue
-            return r, w
+            return sock
 
     async def _serve_listen(self, job: JobTunnels | None, msg: dict[str, Any],
                             spare: ClientConnection | None = None) -> None:
@@ -270,7 +278,7 @@ class TunnelManager:
             return
         ws = spare
         try:
-            r, w = await self._take(job, port)
+            sock = await self._take(job, port)
         except TunnelError as exc:
             if ws is None:
                 await self._refuse(sid, str(exc))
@@ -282,9 +290,9 @@ class TunnelManager:
                 ws = await self.dialer.open(f"/relay/{sid}", ping_interval=None)
             except StreamError as exc:
                 log.warning("tunnels: stream to port %d of task %s: %s", port, job.task, exc.message)
-                w.transport.abort()
+                sock.close()
                 return
-        await splice(ws, r, w, verdict=f"nothing listens on port {port} inside the job (yet)")
+        await splice(ws, sock, verdict=f"nothing listens on port {port} inside the job (yet)")
 
     async def _on_spare(self, ws: ClientConnection, msg: dict[str, Any]) -> None:
         job = self.jobs.get(str(msg.get("task")))
@@ -354,42 +362,50 @@ class TunnelManager:
             job.ahead[port] = Ahead(self.dialer, f"/hosts/{self.host}/tasks/{job.task}/forward",
                                     {"address": address})
             job.ahead[port].start()
-        for kind, port, sock in sockets:
+        for kind, port, listener in sockets:
+            job.listeners.append(listener)
             if kind == "listen":
-                queue: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-                job.idle[port] = queue
-
-                async def park(r: asyncio.StreamReader, w: asyncio.StreamWriter,
-                               q: asyncio.Queue[Any] = queue) -> None:
-                    await q.put((r, w))
-
-                job.servers.append(await asyncio.start_unix_server(park, sock=sock, limit=CHUNK))
+                job.idle[port] = asyncio.Queue()
+                job.accepting.append(asyncio.create_task(self._park(listener, job.idle[port])))
             else:
-                def forward(r: asyncio.StreamReader, w: asyncio.StreamWriter, address: str = addresses[port],
-                            p: int = port) -> None:
-                    t = asyncio.create_task(self._serve_forward(job, address, p, r, w))
-                    job.streams.add(t)
-                    t.add_done_callback(job.streams.discard)
+                job.accepting.append(asyncio.create_task(self._accept_forwards(job, listener, addresses[port],
+                                                                               port)))
 
-                job.servers.append(await asyncio.start_unix_server(forward, sock=sock, limit=CHUNK))
+    @staticmethod
+    async def _park(listener: socket.socket, queue: asyncio.Queue[socket.socket]) -> None:
+        """The forwarder's idle connections for one listen port, waiting to be told ``C``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            conn.setblocking(False)
+            await queue.put(conn)
 
-    async def _serve_forward(self, job: JobTunnels, address: str, port: int, r: asyncio.StreamReader,
-                             w: asyncio.StreamWriter) -> None:
+    async def _accept_forwards(self, job: JobTunnels, listener: socket.socket, address: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            t = asyncio.create_task(self._serve_forward(job, address, port, local_socket(conn)))
+            job.streams.add(t)
+            t.add_done_callback(job.streams.discard)
+
+    async def _serve_forward(self, job: JobTunnels, address: str, port: int, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         try:
             ws = await job.ahead[port].stream()
         except StreamError as exc:
             log.info("tunnels: task %s to %s refused: %s", job.task, address, exc.message)
             reason = f"{address}: {exc.message}".replace("\n", " ")
-            w.write(b"R" + reason.encode()[:500] + b"\n")
             with contextlib.suppress(OSError):
-                await w.drain()
-            w.close()
+                await loop.sock_sendall(sock, b"R" + reason.encode()[:500] + b"\n")
+            sock.close()
             return
-        w.write(b"K")
         try:
-            await splice(ws, r, w)
+            await loop.sock_sendall(sock, b"K")
         except OSError as exc:
+            sock.close()
             await refuse_local(ws, str(exc))
+            return
+        await splice(ws, sock)
 
     def release(self, task: str) -> None:
         """The job ended: close its sockets and end its streams (from a job thread)."""
@@ -401,15 +417,14 @@ class TunnelManager:
         job = self.jobs.pop(task, None)
         if job is None:
             return
-        for server in job.servers:
-            server.close()
+        for t in [*job.accepting, *job.streams]:
+            t.cancel()
+        await asyncio.gather(*job.accepting, *job.streams, return_exceptions=True)
+        for listener in job.listeners:
+            listener.close()
         for queue in job.idle.values():
             while not queue.empty():
-                _, w = queue.get_nowait()
-                w.close()
-        for t in list(job.streams):
-            t.cancel()
-        await asyncio.gather(*job.streams, return_exceptions=True)
+                queue.get_nowait().close()
         for ahead in job.ahead.values():
             await ahead.close()
 

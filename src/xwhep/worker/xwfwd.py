@@ -13,6 +13,9 @@ so nothing the job puts in the socket directory can redirect it):
   connection to ``fwd-P.sock``; the worker answers ``K`` (the stream to the forward address is open) or ``R`` and a
   reason line (printed on the job's stderr).
 
+Bytes are moved by the kernel: ``splice(2)`` through a pipe, one blocking thread per direction, so the bridge
+costs next to no CPU (a Python copy loop cost as much as a relay hop). Half-closes are passed on (``shutdown``).
+
 The job is started once the forward ports listen, with the same stdin/stdout/stderr and environment. When it
 exits, streams in flight get a short grace period, then this script exits with the job's status (128+N for
 signal N); the sandbox's pid namespace then kills anything left. Standard library only: it runs on whatever
@@ -21,174 +24,231 @@ signal N); the sandbox's pid namespace then kills anything left. Standard librar
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 
-CHUNK = 1024 * 1024
+CHUNK = 1 << 20
 POOL = 4  # idle connections kept per listen port: new streams never wait for a connect
 GRACE = 1.0  # seconds streams in flight may still flush after the job exited
+
+_active = 0
+_active_lock = threading.Lock()
 
 
 def log(msg: str) -> None:
     print(f"xwfwd: {msg}", file=sys.stderr, flush=True)
 
 
-def _abort(*writers: asyncio.StreamWriter) -> None:
-    for w in writers:
-        with contextlib.suppress(Exception):
-            w.transport.abort()
+def _spawn(target: object, *args: object) -> None:
+    threading.Thread(target=target, args=args, daemon=True).start()  # type: ignore[arg-type]
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while True:
-        data = await reader.read(CHUNK)
-        if not data:
-            break
-        writer.write(data)
-        await writer.drain()
-    if writer.can_write_eof():
-        writer.write_eof()
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    with contextlib.suppress(OSError, AttributeError):  # a bigger pipe: fewer system calls per MiB
+        import fcntl
+
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, CHUNK)
+    return r, w
 
 
-async def _bridge(r1: asyncio.StreamReader, w1: asyncio.StreamWriter, r2: asyncio.StreamReader,
-                  w2: asyncio.StreamWriter, first: asyncio.Task[None] | None = None) -> None:
-    """Both directions until both ended; an error on either side resets both."""
-    a = first or asyncio.ensure_future(_pump(r1, w2))
-    b = asyncio.ensure_future(_pump(r2, w1))
-    try:
-        done, _ = await asyncio.wait({a, b}, return_when=asyncio.FIRST_EXCEPTION)
-        if any(t.exception() is not None for t in done):
-            _abort(w1, w2)
-    finally:
-        for t in (a, b):
-            t.cancel()
-        await asyncio.gather(a, b, return_exceptions=True)
-        for w in (w1, w2):
-            w.close()
-
-
-class Forwarder:
-    def __init__(self, sockets: str, listen: list[int], forward: list[int]) -> None:
-        self.sockets = sockets
-        self.listen = listen
-        self.forward = forward
-        self.active: set[asyncio.Task[None]] = set()
-
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
-        self.active.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.active.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            if not isinstance(exc, (ConnectionError, OSError, asyncio.IncompleteReadError)):
-                log(f"stream failed: {type(exc).__name__}: {exc}")
-
-    # -- listen ports: the worker asks, we connect to the job's port ---------------------------------------------
-    async def pool(self, port: int) -> None:
-        path = f"{self.sockets}/listen-{port}.sock"
-        delay = 0.02
+def _copy(src: socket.socket, dst: socket.socket) -> None:
+    """src → dst until EOF (then half-close dst); raises OSError on a failure."""
+    if hasattr(os, "splice"):
+        r, w = _pipe()
+        try:
+            while True:
+                n = os.splice(src.fileno(), w, CHUNK)
+                if n == 0:
+                    break
+                while n:
+                    n -= os.splice(r, dst.fileno(), n)
+        finally:
+            os.close(r)
+            os.close(w)
+    else:  # no splice(2): copy through a buffer
+        buf = memoryview(bytearray(CHUNK))
         while True:
-            try:
-                r, w = await asyncio.open_unix_connection(path, limit=CHUNK)
-            except OSError:  # the worker is not (or no longer) listening: try again, slower and slower
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            delay = 0.02
-            try:
-                order = await r.read(1)
-            except OSError:
-                order = b""
-            if order != b"C":
-                w.close()
-                continue
-            self._spawn(self._serve(port, r, w))
-
-    async def _serve(self, port: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        for host in ("127.0.0.1", "::1"):
-            try:
-                # A blocking connect: on loopback it completes (or is refused) inside the kernel at once, and
-                # saves the event-loop round trips of a non-blocking one on the stream's first bytes.
-                sock = socket.create_connection((host, port), timeout=2)
-                sock.setblocking(False)
-                jr, jw = await asyncio.open_connection(sock=sock, limit=CHUNK)
+            n = src.recv_into(buf)
+            if n == 0:
                 break
-            except OSError:
-                continue
-        else:
-            w.write(b"R")
-            with contextlib.suppress(OSError):
-                await w.drain()
-            w.close()
-            return
-        w.write(b"K")
-        await _bridge(r, w, jr, jw)
+            dst.sendall(buf[:n])
+    dst.shutdown(socket.SHUT_WR)
 
-    # -- forward ports: the job connects, the worker opens the stream --------------------------------------------
-    async def start_forward(self, port: int) -> list[asyncio.base_events.Server]:
-        servers = []
-        for host in ("127.0.0.1", "::1"):
-            try:
-                servers.append(await asyncio.start_server(
-                    lambda jr, jw, p=port: self._spawn(self._forward(p, jr, jw)), host, port, limit=CHUNK))
-            except OSError as exc:
-                if host == "127.0.0.1":
-                    raise OSError(f"cannot listen on 127.0.0.1:{port} inside the job: {exc.strerror}") from None
-        return servers
 
-    async def _forward(self, port: int, jr: asyncio.StreamReader, jw: asyncio.StreamWriter) -> None:
+def _kill(*socks: socket.socket) -> None:
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+
+
+def bridge(a: socket.socket, b: socket.socket) -> None:
+    """Relay both ways until both ended; an error on either side resets both."""
+    global _active
+    with _active_lock:
+        _active += 1
+
+    def one(src: socket.socket, dst: socket.socket) -> None:
         try:
-            r, w = await asyncio.open_unix_connection(f"{self.sockets}/fwd-{port}.sock", limit=CHUNK)
-        except OSError as exc:
-            log(f"localhost:{port}: the worker is not reachable: {exc}")
-            _abort(jw)
-            return
-        up = asyncio.ensure_future(_pump(jr, w))  # the job may talk first; the worker buffers it
-        try:
-            verdict = await r.read(1)
+            _copy(src, dst)
         except OSError:
-            verdict = b""
-        if verdict != b"K":
-            reason = (await r.readline()).decode(errors="replace").strip() if verdict == b"R" else ""
-            log(f"localhost:{port}: refused: {reason or 'the worker closed the stream'}")
-            up.cancel()
-            _abort(jw, w)
-            return
-        await _bridge(jr, jw, r, w, first=up)
+            _kill(a, b)
+
+    other = threading.Thread(target=one, args=(b, a), daemon=True)
+    other.start()
+    one(a, b)
+    other.join()
+    for s in (a, b):
+        s.close()
+    with _active_lock:
+        _active -= 1
 
 
-async def run(fwd: Forwarder, argv: list[str]) -> int:
-    servers = []
+# -- listen ports: the worker asks, we connect to the job's port ---------------------------------------------------
+
+def pool(sockets: str, port: int) -> None:
+    path = f"{sockets}/listen-{port}.sock"
+    delay = 0.02
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(path)
+        except OSError:  # the worker is not (or no longer) listening: try again, slower and slower
+            conn.close()
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        delay = 0.02
+        try:
+            order = conn.recv(1)
+        except OSError:
+            order = b""
+        if order != b"C":
+            conn.close()
+            continue
+        # this thread serves the stream and a new one takes its place in the pool: the thread start is off the
+        # stream's first bytes
+        _spawn(pool, sockets, port)
+        serve_listen(port, conn)
+        return
+
+
+def serve_listen(port: int, conn: socket.socket) -> None:
+    for host in ("127.0.0.1", "::1"):
+        try:
+            job = socket.create_connection((host, port), timeout=5)
+            job.settimeout(None)
+            break
+        except OSError:
+            continue
+    else:
+        with contextlib.suppress(OSError):
+            conn.sendall(b"R")
+        conn.close()
+        return
+    job.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        for port in fwd.forward:
-            servers += await fwd.start_forward(port)
+        conn.sendall(b"K")
+    except OSError:
+        conn.close()
+        job.close()
+        return
+    bridge(conn, job)
+
+
+# -- forward ports: the job connects, the worker opens the stream --------------------------------------------------
+
+def listen_forward(port: int) -> list[socket.socket]:
+    servers = []
+    for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+        try:
+            servers.append(socket.create_server((host, port), family=family, backlog=128))
+        except OSError as exc:
+            if host == "127.0.0.1":
+                raise OSError(f"cannot listen on 127.0.0.1:{port} inside the job: {exc.strerror}") from None
+    return servers
+
+
+def accept_forward(sockets: str, port: int, server: socket.socket) -> None:
+    while True:
+        try:
+            job, _ = server.accept()
+        except OSError:
+            return
+        _spawn(serve_forward, sockets, port, job)
+
+
+def serve_forward(sockets: str, port: int, job: socket.socket) -> None:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(f"{sockets}/fwd-{port}.sock")
+    except OSError as exc:
+        log(f"localhost:{port}: the worker is not reachable: {exc}")
+        conn.close()
+        _kill(job)
+        job.close()
+        return
+    job.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # The worker answers first (K, or R and a reason); whatever the job sent meanwhile waits in its socket.
+    try:
+        verdict = conn.recv(1)
+    except OSError:
+        verdict = b""
+    if verdict != b"K":
+        reason = b""
+        if verdict == b"R":
+            with contextlib.suppress(OSError):
+                conn.settimeout(5)
+                while not reason.endswith(b"\n"):
+                    part = conn.recv(512)
+                    if not part:
+                        break
+                    reason += part
+        text = reason.decode(errors="replace").strip() or "the worker closed the stream"
+        log(f"localhost:{port}: refused: {text}")
+        _kill(job, conn)
+        job.close()
+        conn.close()
+        return
+    bridge(job, conn)
+
+
+# -- the job ---------------------------------------------------------------------------------------------------------
+
+def run(sockets: str, listen: list[int], forward: list[int], argv: list[str]) -> int:
+    servers: list[tuple[int, socket.socket]] = []
+    try:
+        for port in forward:
+            servers += [(port, s) for s in listen_forward(port)]
     except OSError as exc:
         log(str(exc))
         return 126
-    pools = [asyncio.ensure_future(fwd.pool(p)) for p in fwd.listen for _ in range(POOL)]
+    for port, server in servers:
+        _spawn(accept_forward, sockets, port, server)
+    for port in listen:
+        for _ in range(POOL):
+            _spawn(pool, sockets, port)
     try:
         proc = subprocess.Popen(argv)  # same stdio and environment; our own sockets are not inherited
     except OSError as exc:
         log(f"cannot run {argv[0]}: {exc.strerror or exc}")
         return 127
-    rc = await asyncio.get_running_loop().run_in_executor(None, proc.wait)
-    for s in servers:
-        s.close()
-    for p in pools:
-        p.cancel()
-    if fwd.active:
-        await asyncio.wait(set(fwd.active), timeout=GRACE)
+    rc = proc.wait()
+    for _, server in servers:
+        with contextlib.suppress(OSError):
+            server.close()
+    deadline = time.monotonic() + GRACE
+    while _active and time.monotonic() < deadline:
+        time.sleep(0.02)
     return rc if rc >= 0 else 128 - rc
 
 
-def parse(argv: list[str]) -> tuple[Forwarder, list[str]]:
+def parse(argv: list[str]) -> tuple[str, list[int], list[int], list[str]]:
     if "--" not in argv:
         raise SystemExit("usage: xwfwd.py --sockets DIR [--listen P,…] [--forward P,…] -- COMMAND…")
     i = argv.index("--")
@@ -202,19 +262,14 @@ def parse(argv: list[str]) -> tuple[Forwarder, list[str]]:
 
     if not command:
         raise SystemExit("xwfwd: no command to run")
-    return Forwarder(values.get("sockets", "/xw/sockets"), ports("listen"), ports("forward")), command
+    return values.get("sockets", "/xw/sockets"), ports("listen"), ports("forward"), command
 
 
 def main() -> None:
-    fwd, command = parse(sys.argv[1:])
-    loop = asyncio.new_event_loop()
-    try:
-        rc = loop.run_until_complete(run(fwd, command))
-    finally:
-        with contextlib.suppress(Exception):
-            loop.close()
+    sockets, listen, forward, command = parse(sys.argv[1:])
+    rc = run(sockets, listen, forward, command)
     sys.stdout.flush()
-    os._exit(rc)  # at once: no interpreter teardown waiting on idle pool connections
+    os._exit(rc)  # at once: daemon threads block in accept/recv, and there is nothing to tear down
 
 
 if __name__ == "__main__":

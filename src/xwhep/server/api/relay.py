@@ -191,10 +191,10 @@ async def _check_work_port(st: ServerState, ident: Identity, work: str, port: in
     hit = st.relay.verdicts.get(key)
     now = time.monotonic()
     if hit is not None and hit[0] > now and st.relay.host_connected(hit[1].host or ""):
-        v = hit[1]
-        return tunnels.Verdict(True, host=v.host, task=v.task, work=v.work, port=v.port, events=[
-            {k: x for k, x in e.items() if k != "time"} for e in v.events])
-    v = await st.db.run(tunnels.check_work_port, ident, work, port, st.relay.host_connected)
+        cached: tunnels.Verdict = hit[1]
+        return tunnels.Verdict(True, host=cached.host, task=cached.task, work=cached.work, port=cached.port,
+                               events=[{k: x for k, x in e.items() if k != "time"} for e in cached.events])
+    v: tunnels.Verdict = await st.db.run(tunnels.check_work_port, ident, work, port, st.relay.host_connected)
     if v.ok:
         if len(st.relay.verdicts) > 10_000:
             st.relay.verdicts.clear()
