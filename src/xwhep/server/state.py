@@ -38,8 +38,8 @@ class ServerState:
     started: float = 0.0
     login_failures_account: FailureLimiter = field(default_factory=lambda: FailureLimiter(5, 60.0))
     login_failures_address: FailureLimiter = field(default_factory=lambda: FailureLimiter(20, 60.0))
-    revoked_users: set[str] = field(default_factory=set)
-    inactive_hosts: set[str] = field(default_factory=set)  # workers whose activation policy says no (alive)  # deleted users whose tokens may still be unexpired
+    revoked_users: set[str] = field(default_factory=set)  # deleted users whose tokens may still be unexpired
+    inactive_hosts: set[str] = field(default_factory=set)  # workers whose activation policy says no (alive)
     resync_needed: bool = False  # a claim failed mid-way: rebuild the pending index from the database
     x509: X509Auth = field(init=False)  # CA, CRL and login challenges (reads HOME/pki lazily)
     relay: Hub = field(init=False)  # tunnels: control channels and streams (in memory only)
