@@ -191,7 +191,7 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
             ax.bar([i + j * width for i in range(len(runs))], [r.get(st) or 0 for r in runs], width,
                    label=st.replace("_works_per_s", "").replace("_", " "))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(runs))],
-                      [f"{r['db']} M={r['workers']}" for r in runs], fontsize=8)
+                      [f"{r['db']}\nM={r['workers']}" for r in runs], fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("works/s (log)")
         ax.set_title("1. throughput per stage")
@@ -263,6 +263,9 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
         ax.legend(fontsize=8)
         if relay:
             ax.set_xlabel("5. relay skipped: " + relay, fontsize=7)
+        elif doc.get("relay_ratio_vs_ssh") is not None:
+            ax.set_xlabel(f"5. relay: {doc['relay_ratio_vs_ssh']}× the throughput of ssh -L (target ≥ 1), "
+                          f"+{doc.get('relay_connect_p50_ms')} ms connect p50", fontsize=8)
     else:
         skipped(ax, "5. relay / 6. sandbox", ["sandbox_overhead_ms", "relay_ratio_vs_ssh"])
 
