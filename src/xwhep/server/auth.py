@@ -60,6 +60,7 @@ class Tokens:
     def __init__(self, secret: bytes, ttl: int = TOKEN_TTL) -> None:
         self.secret = secret
         self.ttl = ttl
+        self._verified: dict[str, tuple[Identity, float]] = {}  # token → (identity, expiry)
 
     def issue(self, ident: Identity, ttl: int | None = None) -> tuple[str, int]:
         """A token for ``ident`` and its lifetime in seconds (``ttl``, e.g. a certificate's remaining life, or the
@@ -73,6 +74,20 @@ class Tokens:
         return jwt.encode(claims, self.secret, algorithm=_ALG), ttl
 
     def check(self, token: str) -> Identity | None:
+        hit = self._verified.get(token)
+        if hit is not None:  # verified before and not expired: skip the signature check (hot paths)
+            if time.time() < hit[1]:
+                return hit[0]
+            del self._verified[token]
+        found = self._decode(token)
+        if found is None:
+            return None
+        if len(self._verified) >= 100_000:  # bounded: forget everything, it is only a cache
+            self._verified.clear()
+        self._verified[token] = found
+        return found[0]
+
+    def _decode(self, token: str) -> tuple[Identity, float] | None:
         try:
             claims = jwt.decode(token, self.secret, algorithms=[_ALG], issuer="xwhep",
                                 options={"require": ["exp", "sub"]})
@@ -84,4 +99,5 @@ class Tokens:
                 serial = int(claims["x5s"], 16)
             except (TypeError, ValueError):
                 return None
-        return Identity(claims["sub"], claims.get("login", ""), UsageLevel[claims["lvl"]], claims.get("grp"), serial)
+        ident = Identity(claims["sub"], claims.get("login", ""), UsageLevel[claims["lvl"]], claims.get("grp"), serial)
+        return ident, float(claims["exp"])

@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from xwhep.server.api.deps import FastJSON, state
+from xwhep.server.api.deps import FastJSON, state_dep
 from xwhep.server.state import ServerState
 
 router = APIRouter(prefix="/api/v1")
-St = Annotated[ServerState, Depends(state)]
+St = Annotated[ServerState, Depends(state_dep)]
 
 
 @router.get("/auth/oidc", tags=["public"])

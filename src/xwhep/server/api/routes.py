@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect
 
 from xwhep import __version__
 from xwhep.core.rights import Action, BadRights, clamp_to, format_rights, parse_rights
-from xwhep.server.api.deps import FastJSON, identity, state
+from xwhep.server.api.deps import FastJSON, identity, state_dep
 from xwhep.server.api.models import (
     AppSpec,
     Bag,
@@ -39,7 +39,7 @@ from xwhep.server.store import StoreError
 
 router = APIRouter(prefix="/api/v1")
 Ident = Annotated[Identity, Depends(identity)]
-St = Annotated[ServerState, Depends(state)]
+St = Annotated[ServerState, Depends(state_dep)]
 
 
 # -- public ------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends
 
 from xwhep.core.model import TaskStatus
 from xwhep.server import hosts as hostcache
-from xwhep.server.api.deps import FastJSON, identity, state
+from xwhep.server.api.deps import FastJSON, identity, state_dep
 from xwhep.server.api.models import AliveIn, HostSpec, ReportsIn, RequestIn, dump
 from xwhep.server.auth import Identity
 from xwhep.server.db import schema as s
@@ -24,7 +24,7 @@ from xwhep.server.state import ServerState
 
 router = APIRouter(prefix="/api/v1", tags=["worker"])
 Ident = Annotated[Identity, Depends(identity)]
-St = Annotated[ServerState, Depends(state)]
+St = Annotated[ServerState, Depends(state_dep)]
 
 
 @router.post("/hosts", status_code=201)

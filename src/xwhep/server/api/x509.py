@@ -18,7 +18,7 @@ from pydantic import Field
 from sqlalchemy.engine import Connection
 
 from xwhep.core.model import UsageLevel
-from xwhep.server.api.deps import FastJSON, state
+from xwhep.server.api.deps import FastJSON, state_dep
 from xwhep.server.api.models import Strict
 from xwhep.server.auth import Identity
 from xwhep.server.db import schema as s
@@ -29,7 +29,7 @@ from xwhep.server.state import ServerState
 from xwhep.server.x509 import MAX_CHAIN, MAX_PEM, Verified, X509Refused, serial_hex
 
 router = APIRouter(prefix="/api/v1")
-St = Annotated[ServerState, Depends(state)]
+St = Annotated[ServerState, Depends(state_dep)]
 
 
 class X509LoginIn(Strict):
