@@ -26,7 +26,7 @@ echo "== mypy" >&2
 
 echo "== pytest" >&2
 rc=0
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@" </dev/null || rc=$?
+.venv/bin/python -m pytest -q -rs -p no:cacheprovider "$@" </dev/null || rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "error: pytest collected no tests; a test run that tests nothing is a failure" >&2
     exit 1
