@@ -178,9 +178,8 @@ def test_ending_the_work_closes_its_streams(grid: Grid) -> None:
         with Proxy(grid.alice, uid, "--xwlistenport", "0") as proxy:
             port = proxy.port()
             wait_for(lambda: _echo(port, b"x") == b"x", 30, "tcpserv to answer")
-            before = relay_state(grid.admin)["streams"]  # other tests' half-closed streams may linger
             held = [_connect(port, "HOLD") for _ in range(3)]
-            wait_for(lambda: relay_state(grid.admin)["streams"] >= before + 3, 15, "the streams to be up")
+            wait_for(lambda: relay_state(grid.admin, uid)["streams"] == 3, 15, "the streams to be up")
             t0 = time.monotonic()
             grid.admin.cancel(uid)
             for s in held:
@@ -191,7 +190,7 @@ def test_ending_the_work_closes_its_streams(grid: Grid) -> None:
                     pass
                 s.close()
             assert time.monotonic() - t0 < 30
-            wait_for(lambda: relay_state(grid.admin)["streams"] <= before, 15, "the relay to forget them")
+            wait_for(lambda: relay_state(grid.admin, uid)["streams"] == 0, 15, "the relay to forget them")
     finally:
         grid.end(uid)
 

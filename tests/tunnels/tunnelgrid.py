@@ -179,8 +179,9 @@ def write_conf(server: ServerProc, path: Path, login: str, password: str) -> Pat
     return path
 
 
-def relay_state(admin: Client) -> dict[str, int]:
-    r = admin.http.get(admin.base + "/relay", headers=admin._auth_header())
+def relay_state(admin: Client, work: str | None = None) -> dict[str, int]:
+    """The relay's counters (``streams``: of ``work`` only, with a work)."""
+    r = admin.http.get(admin.base + "/relay", params={"work": work} if work else None, headers=admin._auth_header())
     r.raise_for_status()
     return dict(r.json())
 

@@ -366,9 +366,11 @@ class Hub:
         except Exception:  # the database is unreachable: say so, keep relaying
             log.exception("could not record %d tunnel event(s)", len(batch))
 
-    def stats(self) -> dict[str, int]:
+    def stats(self, work: str | None = None) -> dict[str, int]:
+        """Counts of channels, spares and streams (only those to or from ``work`` with a work)."""
+        streams = [s for s in self.active.values() if work is None or s.work == work]
         return {"hosts": len(self.hosts), "proxies": len(self.proxies), "pending": len(self.pending),
-                "streams": len(self.active), "spares": sum(len(q) for q in self.spares.values())}
+                "streams": len(streams), "spares": sum(len(q) for q in self.spares.values())}
 
     async def close(self) -> None:
         """Server shutdown: end every control channel and spare (their peers reconnect to the next server); write

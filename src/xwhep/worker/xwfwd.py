@@ -24,8 +24,10 @@ signal N); the sandbox's pid namespace then kills anything left. Standard librar
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -38,6 +40,8 @@ GRACE = 1.0  # seconds streams in flight may still flush after the job exited
 
 _active = 0
 _active_lock = threading.Lock()
+_refill: queue.Queue[tuple[str, int]] = queue.Queue()
+_threads = concurrent.futures.ThreadPoolExecutor(max_workers=512, thread_name_prefix="xwfwd")
 
 
 def log(msg: str) -> None:
@@ -99,10 +103,10 @@ def bridge(a: socket.socket, b: socket.socket) -> None:
         except OSError:
             _kill(a, b)
 
-    other = threading.Thread(target=one, args=(b, a), daemon=True)
-    other.start()
+    # the other direction runs on a pooled thread: starting a thread costs a context switch on the first bytes
+    other = _threads.submit(one, b, a)
     one(a, b)
-    other.join()
+    other.result()
     for s in (a, b):
         s.close()
     with _active_lock:
@@ -131,11 +135,18 @@ def pool(sockets: str, port: int) -> None:
         if order != b"C":
             conn.close()
             continue
-        # this thread serves the stream and a new one takes its place in the pool: the thread start is off the
-        # stream's first bytes
-        _spawn(pool, sockets, port)
+        # this thread serves the stream; the keeper starts its replacement (a thread start is not free: keep it
+        # off the stream's first bytes)
+        _refill.put((sockets, port))
         serve_listen(port, conn)
         return
+
+
+def keeper() -> None:
+    """Start pool threads for the listen ports whose idle connections were used."""
+    while True:
+        sockets, port = _refill.get()
+        _spawn(pool, sockets, port)
 
 
 def serve_listen(port: int, conn: socket.socket) -> None:
@@ -233,6 +244,8 @@ def run(sockets: str, listen: list[int], forward: list[int], argv: list[str]) ->
     for port in listen:
         for _ in range(POOL):
             _spawn(pool, sockets, port)
+    if listen:
+        _spawn(keeper)
     try:
         proc = subprocess.Popen(argv)  # same stdio and environment; our own sockets are not inherited
     except OSError as exc:

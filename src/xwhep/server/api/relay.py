@@ -11,9 +11,10 @@
 
 Authentication is the bearer token of the handshake, exactly as for HTTP requests; a failed one is refused
 before the WebSocket is accepted, as an HTTP error with the usual ``{"error": …}`` body. An initiator (the
-first two stream endpoints) is then accepted and may wait before it sends ``open``: the rights are checked, and
-the event written, when it does. It gets ``ok`` once the target joined, or a close with code 4000 + the HTTP
-status and the reason (4403, 4404, 4409, 4503, …).
+first two stream endpoints) is then accepted and may wait (dialed ahead) before it sends ``open``; its first
+bytes may follow right behind. The rights are checked when ``open`` comes (a refusal is written to the event log
+at once, an opened stream's event shortly after, in a batch). It gets ``ok`` once the target joined, or a close
+with code 4000 + the HTTP status and the reason (4403, 4404, 4409, 4503, …).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, WebSocket
 
 from xwhep.server import hosts as hostcache
-from xwhep.server.api.deps import FastJSON, identity, state
+from xwhep.server.api.deps import FastJSON, identity, state, state_dep
 from xwhep.server.auth import Identity
 from xwhep.server.errors import ApiError
 from xwhep.server.relay import SPARE_TTL, Channel, Refused, Spare, Stream, close_reason
@@ -335,15 +336,15 @@ async def relay_join(ws: WebSocket, sid: str) -> None:
 
 
 Ident = Annotated[Identity, Depends(identity)]
-St = Annotated[ServerState, Depends(state)]
+St = Annotated[ServerState, Depends(state_dep)]
 
 
 @router.get("/relay")
-async def relay_stats(ident: Ident, st: St) -> FastJSON:
-    """Connected control channels and open streams (administrators)."""
+async def relay_stats(ident: Ident, st: St, work: str | None = None) -> FastJSON:
+    """Connected control channels, spares and open streams (of one work with ``work``): administrators."""
     if not ident.is_admin:
         raise ApiError(403, f"{ident.login} may not see the relay's state")
-    return FastJSON(st.relay.stats())
+    return FastJSON(st.relay.stats(c.ref(work, "work") if work else None))
 
 
 @router.delete("/relay/hosts/{uid}")
