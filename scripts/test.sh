@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command, for developers and CI alike: a venv (made if missing), the package installed editable
-# with its test extras, then ruff, mypy and pytest. Extra arguments go to pytest (e.g. scripts/test.sh tests/core).
+# with its test and bench extras (the smoke benchmark is part of the suite), then ruff, mypy and pytest.
+# Extra arguments go to pytest (e.g. scripts/test.sh tests/core).
 # System packages the tests need (PostgreSQL, bubblewrap, ...) are installed by .ci/run, not here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +16,8 @@ if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/d
     "$PYTHON" -m venv .venv
 fi
 
-echo "== pip install -e '.[test]'" >&2
-.venv/bin/python -m pip install -q -e '.[test]' </dev/null
+echo "== pip install -e '.[test,bench]'" >&2
+.venv/bin/python -m pip install -q -e '.[test,bench]' </dev/null
 
 echo "== ruff check src tests" >&2
 .venv/bin/ruff check src tests
