@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 import pytest
 from cluster import ServerProc
-from sdkworker import wait_status
+from sdkworker import wait_for, wait_status
 from workerproc import WorkerProc
 
 from xwhep.client import Client
@@ -46,18 +46,6 @@ XWRESULTS = Path(sys.executable).parent / "xwresults"
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------------
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``pred`` until it returns something truthy (returned); fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
 
 def put_app(client: Client, tmp: Path, name: str, script: str) -> str:
     """Register a one-file app (a script with its #! line) for linux/x86_64; returns the app name."""
