@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from xwhep.bench.common import Result, Server, Settings, percentile, rnd
 
 KEYS = ["relay_ratio_vs_ssh", "relay_connect_p50_ms"]
@@ -201,8 +203,9 @@ def _proc(cmd: list[str], **kw: Any) -> Iterator[subprocess.Popen[str]]:
 
 
 @contextlib.contextmanager
-def ssh_tunnel(tmp: Path, target: int) -> Iterator[int]:
-    """``ssh -N -L`` to ``target`` through a throwaway sshd on loopback; yields the local port."""
+def ssh_tunnel(tmp: Path, target: int, procs: dict[str, int] | None = None) -> Iterator[int]:
+    """``ssh -N -L`` to ``target`` through a throwaway sshd on loopback; yields the local port. ``procs`` gets the
+    pids to account CPU to (``ssh``, ``sshd``)."""
     for tool in ("ssh", "ssh-keygen"):
         if shutil.which(tool) is None:
             raise Skipped(f"{tool} is not installed")
@@ -231,13 +234,15 @@ def ssh_tunnel(tmp: Path, target: int) -> Iterator[int]:
             _until(lambda: ssh.poll() is not None or _answers(local), 30, "the ssh -L tunnel")
             if ssh.poll() is not None:
                 raise Skipped("ssh -L could not be set up (sshd refused the throwaway key?)")
+            if procs is not None:
+                procs.update(ssh=ssh.pid, sshd=daemon.pid)
             yield local
 
 
 @contextlib.contextmanager
-def relay_tunnel(tmp: Path, service: Path) -> Iterator[int]:
+def relay_tunnel(tmp: Path, service: Path, procs: dict[str, int] | None = None) -> Iterator[int]:
     """A server, a worker accepting incoming connections, the service as a job, ``xwproxy`` to it; yields the
-    local port of ``xwproxy``."""
+    local port of ``xwproxy``. ``procs`` gets the pids to account CPU to (server, worker, xwproxy)."""
     if shutil.which("bwrap") is None:
         raise Skipped("bubblewrap is not installed")
     from xwhep.client import Client
@@ -255,7 +260,7 @@ def relay_tunnel(tmp: Path, service: Path) -> Iterator[int]:
                         + "\n[worker]\nincoming_connections = true\nlong_poll_s = 2.0\n")
         conf.chmod(0o600)
         with _proc([sys.executable, "-m", "xwhep.worker", "--config", str(conf), "--workdir", str(wdir / "w"),
-                    "--pool", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+                    "--pool", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as worker:
             _until(lambda: _relay_hosts(client) >= 1, 60, "the worker's control channel")
             client.put_app("relaybench", binaries={"linux/x86_64": service})
             uid = client.submit("relaybench", args=[str(PORT_IN_JOB)], listen_ports=str(PORT_IN_JOB))["uid"]
@@ -268,6 +273,8 @@ def relay_tunnel(tmp: Path, service: Path) -> Iterator[int]:
                     raise RuntimeError("xwproxy did not start")
                 port = int(line.split()[0].rsplit(":", 1)[1])
                 _until(lambda: _answers(port), 60, "the service in the job")
+                if procs is not None:
+                    procs.update(server=srv.pid, worker=worker.pid, xwproxy=proxy.pid)
                 yield port
             client.cancel(uid)
     finally:
@@ -285,11 +292,39 @@ def _relay_hosts(client: Any) -> int:
 
 # -- the benchmark --------------------------------------------------------------------------------------------------
 
-def _throughput(port: int, size: int, repeat: int) -> dict[str, float]:
+def _cpu_seconds(procs: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system, all threads) of each named process; ``sshd`` and ``worker`` include their
+    descendants (sshd's per-session children; the worker's sandbox: bwrap, the forwarder, the job's service)."""
+    out: dict[str, float] = {}
+    for name, pid in procs.items():
+        try:
+            p = psutil.Process(pid)
+            family = [p, *(p.children(recursive=True) if name in ("sshd", "worker") else [])]
+            total = 0.0
+            for q in family:
+                with contextlib.suppress(psutil.Error):
+                    t = q.cpu_times()
+                    total += t.user + t.system
+            out[name] = total
+        except psutil.Error:
+            continue
+    return out
+
+
+def _cpu_per_mib(before: dict[str, float], after: dict[str, float], mib: float) -> dict[str, float]:
+    return {k: rnd((after[k] - before[k]) * 1000.0 / mib, 2) for k in after if k in before}
+
+
+def _throughput(port: int, size: int, repeat: int, procs: dict[str, int] | None = None) -> dict[str, Any]:
+    """Best rates up and down; with ``procs``, also their CPU per MiB moved (``cpu_ms_per_mib``)."""
     mib = size / MiB
+    before = _cpu_seconds(procs or {})
     up = min(upload(port, size) for _ in range(repeat))
     down = min(download(port, size) for _ in range(repeat))
-    return {"upload_mib_per_s": mib / up, "download_mib_per_s": mib / down}
+    out: dict[str, Any] = {"upload_mib_per_s": mib / up, "download_mib_per_s": mib / down}
+    if procs:
+        out["cpu_ms_per_mib"] = _cpu_per_mib(before, _cpu_seconds(procs), 2 * repeat * mib)
+    return out
 
 
 def _latency(port: int, n: int) -> list[float]:
@@ -315,15 +350,17 @@ def measure(settings: Settings, tmp: Path) -> dict[str, Any]:
     with _proc([python, str(service), str(direct_port)], stdout=subprocess.DEVNULL):
         _until(lambda: _answers(direct_port), 30, "the service on loopback")
         direct = _latency(direct_port, samples)
-        with ssh_tunnel(tmp, direct_port) as ssh_port:
-            ssh = _throughput(ssh_port, size, repeat)
+        ssh_procs: dict[str, int] = {}
+        with ssh_tunnel(tmp, direct_port, ssh_procs) as ssh_port:
+            ssh = _throughput(ssh_port, size, repeat, ssh_procs)
             ssh_lat = _latency(ssh_port, samples)
-        with relay_tunnel(tmp, service) as relay_port:
-            relay = _throughput(relay_port, size, repeat)
+        relay_procs: dict[str, int] = {}
+        with relay_tunnel(tmp, service, relay_procs) as relay_port:
+            relay = _throughput(relay_port, size, repeat, relay_procs)
             relay_lat = _latency(relay_port, samples)
     for name, rates in (("ssh", ssh), ("relay", relay)):
         for k, v in rates.items():
-            out[f"{name}_{k}"] = rnd(v)
+            out[f"{name}_{k}"] = v if isinstance(v, dict) else rnd(v)
     for name, latencies in (("direct", direct), ("ssh", ssh_lat), ("relay", relay_lat)):
         out[f"{name}_connect_p50_ms"] = rnd(percentile(latencies, 50), 2)
         out[f"{name}_connect_p99_ms"] = rnd(percentile(latencies, 99), 2)
@@ -362,4 +399,6 @@ def run(settings: Settings) -> Result:
           f"vs {out['ssh_download_mib_per_s']} ({out['ratio_download']}x); connect+echo p50 relay "
           f"{out['relay_connect_p50_ms']} ms, ssh -L {out['ssh_connect_p50_ms']} ms, direct "
           f"{out['direct_connect_p50_ms']} ms (added by the relay: {out['added_connect_p50_ms']} ms)", flush=True)
+    print(f"  CPU ms/MiB (up and down): relay {out.get('relay_cpu_ms_per_mib')}, ssh -L "
+          f"{out.get('ssh_cpu_ms_per_mib')}", flush=True)
     return res

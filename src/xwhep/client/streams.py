@@ -19,16 +19,20 @@ import random
 import socket
 import ssl
 import struct
+import time
+from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Union, cast
 from urllib.parse import urlencode, urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.frames import Close
 from websockets.protocol import State
 
 from xwhep import __version__
 from xwhep.client.sdk import Client, XwError
+from xwhep.core import relaywire as wire
 
 CHUNK = 1024 * 1024 - 1024  # bytes per message: few per-message costs, just under the server's 1 MiB frame limit
 EOF = "eof"
@@ -40,6 +44,10 @@ CLOSE_WAIT = 2.0  # seconds a close may take before the connection is aborted
 # A used WebSocket dialed ahead is replaced after this delay, not at once: its TLS handshake costs milliseconds of
 # CPU on both ends, which would otherwise compete with the first bytes of the stream that just used it.
 REFILL_DELAY = 0.01
+RAW_WRITE_HIGH = 1 << 20  # bytes queued towards one side before the other side stops being read
+RAW_INBOX = 4 << 20  # bytes of a raw stream received before its splice began, before reading stops
+RAW_RETRY = 60.0  # seconds the raw port is not tried again after it could not be reached
+RAW_CONNECT_TIMEOUT = 5.0  # seconds to reach the raw port (a firewall may drop what it does not allow)
 
 
 class StreamError(Exception):
@@ -78,10 +86,89 @@ class Dialer:
         self.ssl: ssl.SSLContext | None = None
         if self.base.startswith("wss://"):
             self.ssl = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
+        self.host = urlsplit(client.server).hostname or "127.0.0.1"
+        self.tickets: list[tuple[float, str]] = []  # (expiry, ticket) for raw connections
+        self.raw_port: int | None = None
+        self.raw_off_until = 0.0  # monotonic time before which the raw port is not tried
+        self._ticket_lock: asyncio.Lock | None = None
+
+    async def _ticket(self, force: bool = False) -> str | None:
+        """A stream ticket (fetched a few at a time); None when the server has no raw port."""
+        now = time.monotonic()
+        self.tickets = [(exp, t) for exp, t in self.tickets if exp > now + 5]
+        if self.tickets and not force:
+            return self.tickets.pop()[1]
+        if self._ticket_lock is None:
+            self._ticket_lock = asyncio.Lock()
+        async with self._ticket_lock:
+            if self.tickets and not force:
+                return self.tickets.pop()[1]
+
+            def fetch() -> dict[str, Any]:
+                r = self.client.http.post(self.client.base + "/relay/tickets", params={"n": 8},
+                                          headers=self.client._auth_header())
+                if r.status_code == 404:  # an older server: WebSockets only
+                    return {"port": None, "tickets": []}
+                r.raise_for_status()
+                return dict(r.json())
+
+            try:
+                got = await asyncio.to_thread(fetch)
+            except Exception:
+                self.raw_off_until = time.monotonic() + RAW_RETRY
+                return None
+            self.raw_port = got.get("port")
+            if not self.raw_port:
+                self.raw_off_until = time.monotonic() + RAW_RETRY
+                return None
+            expiry = time.monotonic() + float(got.get("ttl") or 60)
+            self.tickets = [(expiry, str(t)) for t in got.get("tickets", [])]
+            return self.tickets.pop()[1] if self.tickets else None
+
+    async def open_raw(self, path: str, params: dict[str, str] | None = None) -> RawStream | None:
+        """A raw connection to the server's raw relay port standing for the WebSocket endpoint ``path``; None
+        when there is no usable raw port (the caller then opens a WebSocket); :class:`StreamError` when the
+        server refused it."""
+        if time.monotonic() < self.raw_off_until:
+            return None
+        target = "/api/v1" + path + (f"?{urlencode(params)}" if params else "")
+        for attempt in (1, 2):
+            ticket = await self._ticket(force=attempt == 2)
+            if ticket is None or self.raw_port is None:
+                return None
+            loop = asyncio.get_running_loop()
+            try:
+                _, stream = await asyncio.wait_for(loop.create_connection(
+                    RawStream, self.host, self.raw_port, ssl=self.ssl,
+                    server_hostname=self.host if self.ssl is not None else None), RAW_CONNECT_TIMEOUT)
+            except (OSError, TimeoutError, ssl.SSLError):  # not reachable (a firewall, a proxy): WebSockets
+                self.raw_off_until = time.monotonic() + RAW_RETRY
+                return None
+            stream.send_nowait_line(f"{wire.MAGIC.decode()} {ticket} {target}\n".encode())
+            try:
+                first = await asyncio.wait_for(stream.recv(), 30)
+            except TimeoutError:
+                stream.abort()
+                raise StreamError("the relay did not answer") from None
+            except ConnectionClosed as exc:
+                err = closed_error(exc)
+                if err.status == 401 and attempt == 1:  # the ticket went stale: new ones, once
+                    continue
+                raise err from None
+            if first != wire.ACCEPTED:
+                stream.abort()
+                raise StreamError(f"unexpected answer from the relay: {str(first)[:60]!r}")
+            return stream
+        return None
 
     async def open(self, path: str, params: dict[str, str] | None = None, open_timeout: float = 30.0,
-                   ping_interval: float | None = 20.0) -> ClientConnection:
-        """A WebSocket to ``/api/v1{path}``; :class:`StreamError` with the server's reason when refused."""
+                   ping_interval: float | None = 20.0, raw: bool = False) -> Conn:
+        """A WebSocket to ``/api/v1{path}`` — or with ``raw``, a raw connection for it when the server has a
+        reachable raw port; :class:`StreamError` with the server's reason when refused."""
+        if raw:
+            stream = await self.open_raw(path, params)
+            if stream is not None:
+                return stream
         url = self.base + path + (f"?{urlencode(params)}" if params else "")
         for attempt in (1, 2):
             # the token is renewed (a blocking HTTP login) only when it expired: keep that off the event loop
@@ -119,7 +206,7 @@ def closed_error(exc: ConnectionClosed) -> StreamError:
     return StreamError(rcvd.reason or f"the stream was closed (code {rcvd.code})", status)
 
 
-async def request(ws: ClientConnection) -> None:
+async def request(ws: Conn) -> None:
     """Ask for the stream on an initiator WebSocket; returns once the target joined, else :class:`StreamError`."""
     try:
         await ws.send("open")
@@ -137,11 +224,11 @@ class Ahead:
 
     def __init__(self, dialer: Dialer, path: str, params: dict[str, str] | None = None, n: int = 2) -> None:
         self.dialer, self.path, self.params, self.n = dialer, path, params, n
-        self.ready: list[ClientConnection] = []
+        self.ready: list[Conn] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._watches: set[asyncio.Task[None]] = set()
-        self._dialed: dict[ClientConnection, float] = {}
+        self._dialed: dict[Conn, float] = {}
 
     def start(self) -> None:
         if self._task is None:
@@ -154,7 +241,7 @@ class Ahead:
             if len(self.ready) < self.n:
                 await asyncio.sleep(REFILL_DELAY)
                 try:
-                    ws = await self.dialer.open(self.path, self.params)
+                    ws = await self.dialer.open(self.path, self.params, raw=True)
                 except StreamError:  # the next connection dials itself and reports the error
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
@@ -169,11 +256,11 @@ class Ahead:
             self._wake.clear()
             await self._wake.wait()
 
-    async def _watch(self, ws: ClientConnection) -> None:
+    async def _watch(self, ws: Conn) -> None:
         await ws.wait_closed()
         self._wake.set()
 
-    async def stream(self, wait: bool = True) -> ClientConnection:
+    async def stream(self, wait: bool = True) -> Conn:
         """A WebSocket with its stream asked for: set up (:func:`request` done; :class:`StreamError` if refused),
         or with ``wait=False`` only asked, so the caller's first bytes travel at once behind the ``open`` (a
         refusal then ends the stream: :func:`splice` returns it)."""
@@ -189,7 +276,7 @@ class Ahead:
             closing.add_done_callback(self._watches.discard)
         self._wake.set()
         if ws is None:
-            ws = await self.dialer.open(self.path, self.params)
+            ws = await self.dialer.open(self.path, self.params, raw=True)
         if wait:
             await request(ws)
         else:
@@ -207,7 +294,7 @@ class Ahead:
             await close_ws(ws)
 
 
-Handler = Callable[[ClientConnection, dict[str, Any]], Coroutine[Any, Any, None]]
+Handler = Callable[["Conn", dict[str, Any]], Coroutine[Any, Any, None]]
 
 
 class Spares:
@@ -229,7 +316,7 @@ class Spares:
         delay = 0.2
         while True:
             try:
-                ws = await self.dialer.open(self.path, self.params)
+                ws = await self.dialer.open(self.path, self.params, raw=True)
             except StreamError:  # the control channel still works meanwhile (slower: one more handshake)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 30.0)
@@ -322,7 +409,7 @@ def local_socket(sock: socket.socket) -> socket.socket:
     return sock
 
 
-async def close_ws(ws: ClientConnection, code: int = 1000, reason: str = "") -> None:
+async def close_ws(ws: Conn, code: int = 1000, reason: str = "") -> None:
     """Close, but never wait long: a peer that stopped reading (a stalled stream) would block the close frame
     behind the data queued before it; then the connection is aborted."""
     try:
@@ -332,7 +419,7 @@ async def close_ws(ws: ClientConnection, code: int = 1000, reason: str = "") -> 
             ws.transport.abort()
 
 
-async def splice(ws: ClientConnection, sock: socket.socket, verdict: str | None = None) -> StreamError | None:
+async def splice(ws: Conn, sock: socket.socket, verdict: str | None = None) -> StreamError | None:
     """Relay between the WebSocket and the local socket until both directions ended, then close both.
 
     A failure on one side is passed to the other: the local socket is reset when the stream ends abnormally; the
@@ -340,6 +427,8 @@ async def splice(ws: ClientConnection, sock: socket.socket, verdict: str | None 
     ``verdict``, the local side's first byte is ``K`` (connected; not relayed) or anything else (the stream is
     closed with 4502 and the text ``verdict``). Returns None after a clean end, else what went wrong. The socket
     is closed in the end (by this function: it owns it from now on)."""
+    if isinstance(ws, RawStream):
+        return await ws.splice(sock, verdict)
     up = asyncio.create_task(_up(ws, sock, verdict))
     down = asyncio.create_task(_down(ws, sock))
     reset = True
@@ -376,6 +465,271 @@ async def splice(ws: ClientConnection, sock: socket.socket, verdict: str | None 
             sock.close()
 
 
-async def refuse_local(ws: ClientConnection, reason: str) -> None:
+async def refuse_local(ws: Conn, reason: str) -> None:
     """End a stream whose local side could not be reached."""
     await close_ws(ws, CLOSE_LOCAL_ERROR, reason[:120])
+
+
+# -- raw connections (the fast data path: xwhep.core.relaywire) ------------------------------------------------------
+
+class RawStream(asyncio.Protocol):
+    """A raw relay connection, with the part of a websockets ``ClientConnection`` the relay code uses
+    (``send``, ``recv``, ``close``, ``state``, ``close_code``…); :meth:`splice` joins it with a local socket
+    transport to transport, without a Python object per message."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+        self.framer = wire.Framer()
+        self.inbox: deque[str | bytes] = deque()
+        self.inbox_bytes = 0
+        self.rcvd: Close | None = None
+        self.sent: Close | None = None
+        self.lost = False
+        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._paused = False
+        self.local: _Local | None = None
+
+    # -- websockets-like ---------------------------------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return State.OPEN if not self.lost and self.rcvd is None and self.sent is None else State.CLOSED
+
+    @property
+    def close_code(self) -> int | None:
+        c = self.rcvd or self.sent
+        return c.code if c else (1006 if self.lost else None)
+
+    @property
+    def close_reason(self) -> str | None:
+        c = self.rcvd or self.sent
+        return c.reason if c else None
+
+    def _closed(self) -> ConnectionClosed:
+        return ConnectionClosed(self.rcvd, self.sent)
+
+    def send_nowait_line(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    async def send(self, message: str | bytes | bytearray | memoryview) -> None:
+        if self.state is not State.OPEN:
+            raise self._closed()
+        if isinstance(message, str):
+            self.transport.write(wire.frame(wire.TEXT, message.encode()))
+        else:
+            self.transport.write(wire.HEADER.pack(wire.BIN, len(message)))
+            self.transport.write(bytes(message))
+        if self._paused:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    async def recv(self) -> str | bytes:
+        while not self.inbox:
+            if self.rcvd is not None or self.lost:
+                raise self._closed()
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        msg = self.inbox.popleft()
+        self.inbox_bytes -= len(msg)
+        return msg
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        if self.sent is None and not self.lost:
+            self.sent = Close(code, reason)
+            if self.rcvd is None:
+                self.transport.write(wire.close_frame(code, reason))
+            self.transport.close()
+        await self.wait_closed()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._lost)
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    # -- asyncio callbacks -------------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        self.transport = transport
+        transport.set_write_buffer_limits(high=RAW_WRITE_HIGH)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.framer.feed(data)
+        except wire.WireError:
+            self.transport.abort()
+            return
+        local = self.local
+        for kind, payload in frames:
+            if kind == wire.CLOSE:
+                self.rcvd = Close(*wire.parse_close(payload))
+                if local is not None:
+                    local.relay_closed()
+            elif local is not None:
+                if payload == b"eof":
+                    local.relay_eof()
+            elif self.rcvd is None:
+                self.inbox.append(payload if kind == wire.BIN else payload.decode(errors="replace"))
+                self.inbox_bytes += len(payload)
+        if local is None and self.inbox_bytes > RAW_INBOX:
+            self.transport.pause_reading()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self._lost.done():
+            self._lost.set_result(None)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        if self.local is not None:
+            self.local.relay_closed()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        if self.local is not None and self.local.transport is not None:
+            self.local.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        if self.local is not None and self.local.transport is not None:
+            self.local.transport.resume_reading()
+
+    # -- splice ------------------------------------------------------------------------------------------------------
+    async def splice(self, sock: socket.socket, verdict: str | None = None) -> StreamError | None:
+        """:func:`splice` for a raw connection."""
+        loop = asyncio.get_running_loop()
+        local = _Local(self, verdict, loop.create_future())
+        try:
+            await loop.connect_accepted_socket(lambda: local, sock)
+        except OSError as exc:
+            sock.close()
+            await close_ws(self, CLOSE_LOCAL_ERROR, f"{type(exc).__name__}: {exc}"[:120])
+            return StreamError(f"local connection failed: {exc}")
+        try:
+            kind, detail = await local.done
+        except asyncio.CancelledError:
+            self.local = None
+            local.reset()
+            await close_ws(self, CLOSE_GOING_AWAY, "the stream was ended")
+            raise
+        self.local = None
+        c = self.rcvd
+        if kind == "clean" or (kind == "closed" and c is not None and c.code == 1000):
+            local.transport.close()
+            await close_ws(self)
+            return None
+        local.reset()
+        if kind == "closed":
+            if c is None:
+                return StreamError("the server closed the connection")
+            return StreamError(c.reason or f"the stream was closed (code {c.code})",
+                               c.code - 4000 if 4000 <= c.code < 5000 else None)
+        if kind == "refused":
+            await close_ws(self, CLOSE_REFUSED, detail[:120])
+            return StreamError(detail, 502)
+        await close_ws(self, CLOSE_LOCAL_ERROR, detail[:120])
+        return StreamError(f"local connection failed: {detail}")
+
+
+class _Local(asyncio.Protocol):
+    """The local side of a raw splice: bytes up to the relay as frames, the relay's down as they come."""
+
+    def __init__(self, relay: RawStream, verdict: str | None, done: asyncio.Future[tuple[str, str]]) -> None:
+        self.relay = relay
+        self.verdict = verdict
+        self.done = done
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+        self.up_eof = False
+        self.down_eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        self.transport = transport
+        transport.set_write_buffer_limits(high=RAW_WRITE_HIGH)
+        relay = self.relay
+        relay.local = self
+        while relay.inbox:  # what came before the splice began: whole messages, then a frame's beginning
+            msg = relay.inbox.popleft()
+            if isinstance(msg, bytes):
+                transport.write(msg)
+            elif msg == "eof":
+                self.relay_eof()
+        framer = relay.framer
+        if framer.kind == wire.BIN:
+            if framer.cur:
+                transport.write(bytes(framer.cur))
+            framer.cur = None
+        framer.on_data = transport.write
+        relay.inbox_bytes = 0
+        relay.transport.resume_reading()
+        if relay._paused:
+            transport.pause_reading()
+        if relay.rcvd is not None or relay.lost:
+            self.relay_closed()
+
+    def _end(self, kind: str, detail: str = "") -> None:
+        if not self.done.done():
+            self.done.set_result((kind, detail))
+
+    def data_received(self, data: bytes) -> None:
+        if self.verdict is not None:  # the local side says first whether it could connect
+            if data[:1] != b"K":
+                self._end("refused", self.verdict)
+                return
+            self.verdict = None
+            data = data[1:]
+            if not data:
+                return
+        if self.relay.state is State.OPEN:
+            self.relay.transport.write(wire.HEADER.pack(wire.BIN, len(data)))
+            self.relay.transport.write(data)
+
+    def eof_received(self) -> bool:
+        if self.verdict is not None:
+            self._end("refused", self.verdict)
+            return True
+        self.up_eof = True
+        if self.relay.state is State.OPEN:
+            self.relay.transport.write(wire.frame(wire.TEXT, b"eof"))
+        if self.down_eof:
+            self._end("clean")
+        return True  # half-close: keep writing what the relay sends
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self._end("local", f"{type(exc).__name__}: {exc}")
+        elif not (self.up_eof and self.down_eof):
+            self._end("local", "the local connection closed")
+
+    def pause_writing(self) -> None:
+        self.relay.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.relay.transport.resume_reading()
+
+    def relay_eof(self) -> None:
+        self.down_eof = True
+        with contextlib.suppress(OSError, RuntimeError):
+            self.transport.write_eof()
+        if self.up_eof:
+            self._end("clean")
+
+    def relay_closed(self) -> None:
+        self._end("closed")
+
+    def reset(self) -> None:
+        """Close with a reset (the application sees the stream fail, not end)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+
+Conn = Union[ClientConnection, RawStream]  # noqa: UP007  # a runtime alias, used in annotations

@@ -27,6 +27,9 @@ class ServerConfig:
     oidc: list[dict[str, Any]] = field(default_factory=list)  # [[oidc]] issuer, audience, client_id, …
     delegated_registration: bool = False  # a valid but unknown X.509 certificate creates a STANDARD_USER
     login_rate: tuple[int, float] = (5, 60.0)  # failed logins allowed per account/address per window (s)
+    # The raw relay port (tunnels' fast data path; docs/tunnels.md): None = the port after the main one (any
+    # free port when the main one is 0; none if taken), 0 = any free port, -1 = none (WebSockets only).
+    relay_port: int | None = None
 
     def load_settings(self) -> None:
         """Read HOME/server.toml if present (security settings a person edits by hand)."""
@@ -36,6 +39,8 @@ class ServerConfig:
         data = tomllib.loads(path.read_text())
         self.oidc = list(data.get("oidc", [])) or self.oidc
         self.delegated_registration = bool(data.get("delegated_registration", self.delegated_registration))
+        if "relay_port" in data:
+            self.relay_port = int(data["relay_port"])
         rate = data.get("login_rate")
         if rate:
             self.login_rate = (int(rate["failures"]), float(rate["window_s"]))

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -39,12 +40,20 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, st: ServerState) -> None:
         super().__init__(config)
         self.st = st
+        self.profiler: Any = None
+
+    def _write_profile(self) -> None:
+        # here rather than after serve(): uvicorn re-raises the captured SIGTERM when serve() returns
+        profiler, self.profiler = self.profiler, None
+        if profiler is not None:
+            profiler.stop().save(os.environ["XW_PROFILE"])  # fast; render later with pyinstrument --load
 
     def handle_exit(self, sig: int, frame: object) -> None:
         try:
             asyncio.get_running_loop().call_soon_threadsafe(self.st.scheduler.close)
         except RuntimeError:
             pass
+        self._write_profile()
         super().handle_exit(sig, frame)  # type: ignore[arg-type]
 
 
@@ -60,6 +69,18 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
+def _bind_relay(cfg: ServerConfig) -> socket.socket | None:
+    """The raw relay port's socket (see ServerConfig.relay_port); None without one."""
+    if cfg.relay_port is not None:
+        return None if cfg.relay_port < 0 else _bind(cfg.host, cfg.relay_port)
+    try:
+        return _bind(cfg.host, cfg.port + 1 if cfg.port else 0)
+    except OSError as exc:  # the default port is taken: tunnels fall back to WebSockets
+        print(f"xwhep server: no raw relay port ({cfg.port + 1}: {exc.strerror}); tunnels use WebSockets only",
+              flush=True)
+        return None
+
+
 def serve(cfg: ServerConfig) -> None:
     """Run the server until interrupted. Prints one ``ready`` line with the URL once it accepts requests."""
     logging.basicConfig(level=os.environ.get("XW_LOG", "WARNING"), format="%(asctime)s %(name)s %(message)s")
@@ -69,6 +90,7 @@ def serve(cfg: ServerConfig) -> None:
     except OidcConfigError as exc:  # refuse to start rather than run without the issuers the admin set up
         raise SystemExit(f"xwhep server: {exc}") from None
     sock = _bind(cfg.host, cfg.port)
+    relay_sock = _bind_relay(cfg)
     cfg.port = sock.getsockname()[1]
     scheme = "http" if cfg.insecure else "https"
     local = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else ("[::1]" if cfg.host == "::" else cfg.host)
@@ -97,11 +119,21 @@ def serve(cfg: ServerConfig) -> None:
                 return
             await asyncio.sleep(0.01)  # uvicorn offers no "started" event; this only gates the ready line
         ca = str(material.ca_pem) if material else None
-        info = {"url": url, "pid": os.getpid(), "home": str(cfg.home), "ca": ca}
+        if relay_sock is not None:
+            from xwhep.server.api.relay import raw_stream
+
+            ctx = None
+            if material is not None:  # the raw relay port speaks TLS with the server's own certificate
+                ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ctx.load_cert_chain(str(material.cert), str(material.key))
+            await st.relay.serve_raw(relay_sock, ctx, lambda side, ticket, target: raw_stream(st, side, ticket, target))
+            print(f"xwhep server: raw relay port {st.relay.raw_port}", flush=True)
+        info = {"url": url, "pid": os.getpid(), "home": str(cfg.home), "ca": ca, "relay_port": st.relay.raw_port}
         (cfg.home / "server.json").write_text(json.dumps(info))
         print(f"xwhep server ready at {url} (home {cfg.home})", flush=True)
         await task
 
+    server.profiler = _profiler()
     try:
         _run_loop(run())
     except KeyboardInterrupt:
@@ -109,3 +141,15 @@ def serve(cfg: ServerConfig) -> None:
     finally:
         db.dispose()
         sys.stdout.flush()
+
+
+def _profiler() -> Any:
+    """``XW_PROFILE=FILE``: sample the whole server with pyinstrument (the bench extra) and save the session to FILE
+    on exit (``pyinstrument --load FILE`` renders it) — how the hot paths were profiled (see bench/README.md)."""
+    if not os.environ.get("XW_PROFILE"):
+        return None
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.002, async_mode="disabled")
+    profiler.start()
+    return profiler

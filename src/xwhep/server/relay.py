@@ -38,11 +38,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from starlette.websockets import WebSocket
 
+from xwhep.core import relaywire as wire
 from xwhep.core.tunnels import PROXY_PREFIX
+from xwhep.server.auth import Identity
 
 log = logging.getLogger("xwhep.relay")
 
@@ -55,6 +57,11 @@ WATCH_PERIOD = 2.0  # seconds between two checks that a stream's work still runs
 MAX_STREAMS = 1024  # concurrent streams per control channel
 CLOSE_WORK_ENDED = 4410
 CLOSE_REPLACED = 4409
+TICKET_TTL = 60.0  # seconds a stream ticket may wait before its raw connection presents it
+MAX_TICKETS = 100_000  # outstanding stream tickets (server-wide)
+RAW_HEADER_TIMEOUT = 10.0  # seconds a raw connection has to present its ticket
+RAW_INBOX = 4 << 20  # bytes a raw connection may have waiting before the server stops reading it
+RAW_WRITE_HIGH = 1 << 20  # bytes queued towards a raw connection before its source stops being read
 
 
 class Refused(Exception):
@@ -88,7 +95,7 @@ class Spare:
     kind: Literal["host", "proxy"]
     key: str
     owner: str
-    ws: WebSocket
+    ws: Side
     taken: asyncio.Event = field(default_factory=asyncio.Event)  # claimed for a stream, or dropped
     done: asyncio.Event = field(default_factory=asyncio.Event)  # its handler may return
     used: bool = False  # a stream was handed to it
@@ -100,12 +107,13 @@ class Stream:
 
     sid: str
     channel: Channel
-    acceptor: asyncio.Future[WebSocket]
+    acceptor: asyncio.Future[Side]
     work: str | None = None
     task: str | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     bytes_up: int = 0  # initiator → acceptor
     bytes_down: int = 0
+    raw: bool = False  # spliced raw connection to raw connection (the fast path)
 
 
 def _relay_code(code: int) -> int:
@@ -123,7 +131,7 @@ def close_reason(text: str) -> str:
     return data.decode(errors="ignore")
 
 
-async def _close(ws: WebSocket, code: int, reason: str) -> None:
+async def _close(ws: Side, code: int, reason: str) -> None:
     # The side may already be gone or closing: nothing to do then. A side that stopped reading (a stalled stream)
     # blocks the close frame behind its queued data: give up waiting; the connection goes when the handler ends.
     with contextlib.suppress(Exception):
@@ -145,6 +153,11 @@ class Hub:
         self._events: list[dict[str, Any]] = []
         self.verdicts: dict[tuple[Any, ...], tuple[float, Any]] = {}  # recent accepted rights checks (api/relay)
         self._flush: asyncio.Task[None] | None = None
+        self.tickets: dict[str, tuple[float, Identity]] = {}  # stream ticket → (expiry, identity)
+        self.used_tickets: dict[str, float] = {}  # redeemed tickets (→ expiry), to say "already used"
+        self._purged = 0.0
+        self.raw_port: int | None = None  # the raw relay port, once listening
+        self._raw_server: asyncio.AbstractServer | None = None
 
     # -- channels ----------------------------------------------------------------------------------------------------
     def _registry(self, ch: Channel) -> dict[str, Channel]:
@@ -220,7 +233,7 @@ class Hub:
         spare.taken.set()
         spare.done.set()
 
-    async def _claim(self, ch: Channel, s: Stream, offer: dict[str, Any]) -> WebSocket | None:
+    async def _claim(self, ch: Channel, s: Stream, offer: dict[str, Any]) -> Side | None:
         """Hand ``s`` to a spare of ``ch``'s target: its WebSocket, or None without a usable spare.
 
         The spare is not waited for: the stream's first bytes follow the ``open`` on the same WebSocket, and a
@@ -287,13 +300,17 @@ class Hub:
         if s is not None and s.channel is ch and not s.acceptor.done():
             s.acceptor.set_exception(Refused(502, reason[:300] or "refused"))
 
-    async def splice(self, s: Stream, initiator: WebSocket,
+    async def splice(self, s: Stream, initiator: Side,
                      still_valid: Callable[[], str | None] | None = None) -> tuple[int, str]:
         """Relay messages both ways until one side closes (or ``still_valid`` returns a reason to stop);
-        close the other side with the same code. Returns the code and reason the stream ended with."""
-        acceptor = s.acceptor.result()
+        close the other side with the same code. Returns the code and reason the stream ended with.
 
-        async def pump(src: WebSocket, dst: WebSocket, up: bool) -> tuple[int, str]:
+        Two raw connections are joined transport to transport (:meth:`_pipe`); otherwise message by message."""
+        acceptor = s.acceptor.result()
+        if isinstance(initiator, RawSide) and isinstance(acceptor, RawSide):
+            return await self._pipe(s, initiator, acceptor, still_valid)
+
+        async def pump(src: Side, dst: Side, up: bool) -> tuple[int, str]:
             receive, send = src.receive, dst.send
             n = 0
             try:
@@ -350,6 +367,82 @@ class Hub:
             s.ended.set()
         return code, reason
 
+    async def _pipe(self, s: Stream, a: RawSide, b: RawSide,
+                    still_valid: Callable[[], str | None] | None) -> tuple[int, str]:
+        """Splice two raw connections: each one's bytes are written to the other as they come (no message
+        objects), the frame boundaries only followed; a full write buffer stops the reading of its source, so
+        a stalled stream holds a bounded amount of memory here."""
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[tuple[int, str]] = loop.create_future()
+        link(a, b, ended)
+        s.raw = True
+        self.active[s.sid] = s
+        s.channel.streams += 1
+        code, reason = 1011, "relay failure"
+        try:
+            if still_valid is None:
+                code, reason = await ended
+            else:
+                while True:
+                    try:
+                        code, reason = await asyncio.wait_for(asyncio.shield(ended), WATCH_PERIOD)
+                        break
+                    except TimeoutError:
+                        why = still_valid()
+                        if why:
+                            code, reason = CLOSE_WORK_ENDED, why
+                            for src, dst in ((a, b), (b, a)):
+                                if src.framer.at_boundary:  # else the close would land inside a frame
+                                    dst.write(wire.close_frame(code, why))
+                            break
+        finally:
+            s.bytes_up += a.count
+            s.bytes_down += b.count
+            a.peer = b.peer = None
+            a.shut()
+            b.shut()
+            self.active.pop(s.sid, None)
+            s.channel.streams -= 1
+            s.ended.set()
+        return code, reason
+
+    # -- stream tickets (raw connections) ----------------------------------------------------------------------------
+    def issue_tickets(self, ident: Identity, n: int) -> list[str]:
+        """``n`` one-time tickets that open raw connections as ``ident`` (asked for with its bearer token)."""
+        now = time.monotonic()
+        if now - self._purged > 1.0:
+            self._purged = now
+            self.tickets = {t: v for t, v in self.tickets.items() if v[0] > now - TICKET_TTL}
+            self.used_tickets = {t: exp for t, exp in self.used_tickets.items() if exp > now - TICKET_TTL}
+        if len(self.tickets) + n > MAX_TICKETS:
+            raise Refused(503, "too many stream tickets outstanding: use the WebSocket endpoints")
+        out = [secrets.token_urlsafe(24) for _ in range(n)]
+        for t in out:
+            self.tickets[t] = (now + TICKET_TTL, ident)
+        return out
+
+    def redeem(self, ticket: str) -> Identity | str:
+        """The identity of a ticket, once; else why it is refused."""
+        hit = self.tickets.pop(ticket, None)
+        now = time.monotonic()
+        if hit is None:
+            if ticket in self.used_tickets:
+                return "this stream ticket was already used"
+            return "unknown stream ticket"
+        self.used_tickets[ticket] = hit[0]
+        if hit[0] < now:
+            return "this stream ticket expired"
+        return hit[1]
+
+    async def serve_raw(self, sock: Any, ssl_context: Any,
+                        dispatch: Callable[[RawSide, str, str], Awaitable[None]]) -> None:
+        """Accept raw connections on ``sock`` (TLS with ``ssl_context`` unless None)."""
+        loop = asyncio.get_running_loop()
+        self._raw_server = await loop.create_server(lambda: RawSide(dispatch), sock=sock, ssl=ssl_context,
+                                                    ssl_handshake_timeout=RAW_HEADER_TIMEOUT if ssl_context
+                                                    else None)
+        self.raw_port = int(sock.getsockname()[1])
+
     # -- events ------------------------------------------------------------------------------------------------------
     def record(self, events: list[dict[str, Any]], write: Callable[[list[dict[str, Any]]], Awaitable[Any]]) -> None:
         """Write the events of opened streams soon, many in one transaction: a burst of connections costs one
@@ -370,11 +463,14 @@ class Hub:
         """Counts of channels, spares and streams (only those to or from ``work`` with a work)."""
         streams = [s for s in self.active.values() if work is None or s.work == work]
         return {"hosts": len(self.hosts), "proxies": len(self.proxies), "pending": len(self.pending),
-                "streams": len(streams), "spares": sum(len(q) for q in self.spares.values())}
+                "streams": len(streams), "raw_streams": sum(1 for s in streams if s.raw),
+                "spares": sum(len(q) for q in self.spares.values()), "raw_port": self.raw_port or 0}
 
     async def close(self) -> None:
         """Server shutdown: end every control channel and spare (their peers reconnect to the next server); write
         the events still waiting."""
+        if self._raw_server is not None:
+            self._raw_server.close()
         if self._flush is not None:
             with contextlib.suppress(Exception):
                 await self._flush
@@ -384,3 +480,242 @@ class Hub:
             for spare in list(queue):
                 self.drop_spare(spare)
                 await _close(spare.ws, 1012, "server restarting")
+
+
+# -- raw connections ---------------------------------------------------------------------------------------------------
+
+def _skip(_: memoryview) -> None:
+    return None
+
+
+def _message_frame(msg: dict[str, Any]) -> bytes:
+    text = msg.get("text")
+    if text is not None:
+        return wire.frame(wire.TEXT, text.encode())
+    return wire.frame(wire.BIN, msg.get("bytes") or b"")
+
+
+class RawSide(asyncio.Protocol):
+    """A raw connection (:mod:`xwhep.core.relaywire`) on the server, with the part of Starlette's WebSocket the
+    relay endpoints use (``accept``, ``receive``, ``send``, ``send_text``, ``close``), so they serve both."""
+
+    def __init__(self, dispatch: Callable[[RawSide, str, str], Awaitable[None]]) -> None:
+        self.dispatch = dispatch
+        self.scope: dict[str, Any] = {"type": "xwrelay"}  # no denial-response extension: refusals are closes
+        self.transport: asyncio.Transport | None = None
+        self.line = b""
+        self.started = False
+        self.framer = wire.Framer()
+        self.inbox: deque[dict[str, Any]] = deque()
+        self.inbox_bytes = 0
+        self.reading_paused = False
+        self.closed: tuple[int, str] | None = None  # received a close frame, or the connection was lost
+        self.lost = False
+        self.shut_down = False
+        self.peer: RawSide | None = None  # set while spliced with another raw connection
+        self.ended: asyncio.Future[tuple[int, str]] | None = None
+        self.count = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._paused = False
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks -------------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        self.transport = transport
+        transport.set_write_buffer_limits(high=RAW_WRITE_HIGH)
+        self._timer = asyncio.get_running_loop().call_later(RAW_HEADER_TIMEOUT, self._no_header)
+
+    def _no_header(self) -> None:
+        if not self.started and self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None:  # the hot path: pass the bytes on, follow the frames
+            peer.write(data)
+            self.count += len(data)
+            try:
+                controls = self.framer.feed(data)
+            except wire.WireError:
+                self._lost_in_pipe()
+                return
+            for kind, payload in controls:
+                if kind == wire.CLOSE and self.ended is not None and not self.ended.done():
+                    self.ended.set_result(wire.parse_close(payload))
+            return
+        if not self.started:
+            self.line += data
+            end = self.line.find(b"\n")
+            if end < 0:
+                if len(self.line) > wire.MAX_LINE and self.transport is not None:
+                    self.transport.abort()
+                return
+            line, data = self.line[:end], self.line[end + 1:]
+            self.line = b""
+            self.started = True
+            if self._timer is not None:
+                self._timer.cancel()
+            parts = line.decode(errors="replace").split(" ")
+            if len(parts) != 3 or parts[0] != wire.MAGIC.decode():
+                self.write(wire.close_frame(4400, "expected XWRELAY1 TICKET PATH"))
+                self.shut()
+                return
+            self._task = asyncio.ensure_future(self._run(parts[1], parts[2]))
+            if not data:
+                return
+        try:
+            frames = self.framer.feed(data)
+        except wire.WireError as exc:
+            self.closed = (1002, str(exc))
+            self.write(wire.close_frame(1002, str(exc)))
+            self.shut()
+            self._wake()
+            return
+        for kind, payload in frames:
+            if kind == wire.CLOSE:
+                self.closed = wire.parse_close(payload)
+            elif self.closed is None:
+                if kind == wire.TEXT:
+                    self.inbox.append({"type": "websocket.receive", "text": payload.decode(errors="replace")})
+                else:
+                    self.inbox.append({"type": "websocket.receive", "bytes": payload})
+                self.inbox_bytes += len(payload)
+        if self.inbox_bytes > RAW_INBOX and not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.closed is None:
+            self.closed = (1006, "")
+        if self._timer is not None:
+            self._timer.cancel()
+        self._wake()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionError("the connection was lost"))
+        if self.peer is not None:
+            self._lost_in_pipe()
+
+    def _lost_in_pipe(self) -> None:
+        peer = self.peer
+        if peer is None or self.ended is None or self.ended.done():
+            return
+        if self.framer.at_boundary:
+            peer.write(wire.close_frame(1011, "the other end was lost"))
+        elif peer.transport is not None:  # a close inside a frame would be garbage: cut the connection
+            peer.transport.abort()
+        self.ended.set_result((1006, "the other end was lost"))
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    # -- the endpoint's side ---------------------------------------------------------------------------------------
+    async def _run(self, ticket: str, target: str) -> None:
+        try:
+            await self.dispatch(self, ticket, target)
+        except Exception:
+            log.exception("raw relay connection for %s failed", target[:80])
+            self.write(wire.close_frame(1011, "relay failure"))
+        finally:
+            if self.peer is None:
+                self.shut()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.lost and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def shut(self) -> None:
+        """Close once what was written went out (or abort after CLOSE_WAIT: a stalled peer never takes it)."""
+        if self.shut_down or self.transport is None:
+            return
+        self.shut_down = True
+        self.transport.close()
+        transport = self.transport
+        asyncio.get_running_loop().call_later(CLOSE_WAIT, lambda: None if self.lost else transport.abort())
+
+    async def accept(self) -> None:
+        self.write(wire.frame(wire.TEXT, wire.ACCEPTED.encode()))
+
+    async def receive(self) -> dict[str, Any]:
+        while not self.inbox:
+            if self.closed is not None:
+                code, reason = self.closed
+                return {"type": "websocket.disconnect", "code": code, "reason": reason}
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        msg = self.inbox.popleft()
+        self.inbox_bytes -= len(msg.get("bytes") or msg.get("text") or "")
+        if self.reading_paused and self.inbox_bytes < RAW_INBOX // 2 and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        return msg
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        if self.lost or self.shut_down:
+            raise ConnectionError("the raw connection is closed")
+        if msg.get("type") == "websocket.close":
+            await self.close(int(msg.get("code") or 1000), str(msg.get("reason") or ""))
+            return
+        self.write(_message_frame(msg))
+        if self._paused:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    async def send_text(self, text: str) -> None:
+        await self.send({"type": "websocket.send", "text": text})
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        if not self.shut_down:
+            self.write(wire.close_frame(code, reason or ""))
+            self.shut()
+
+
+def link(a: RawSide, b: RawSide, ended: asyncio.Future[tuple[int, str]]) -> None:
+    """Join two raw connections: first what each received but nobody read, then everything as it comes."""
+    for src, dst in ((a, b), (b, a)):
+        for msg in src.inbox:
+            dst.write(_message_frame(msg))
+        src.inbox.clear()
+        src.inbox_bytes = 0
+        dst.write(src.framer.pending())
+        src.framer.on_data = _skip
+        if src.framer.kind == wire.BIN:
+            src.framer.cur = None  # the rest of this frame is passed on as it comes, not collected
+        src.ended = ended
+    for src, dst in ((a, b), (b, a)):
+        if src.closed is not None and not ended.done():  # it ended before the splice began: pass that on
+            code, reason = src.closed
+            if code != 1006:
+                dst.write(wire.close_frame(code, reason))
+            ended.set_result((code, reason or "the other end was lost"))
+    a.peer, b.peer = b, a
+    for src, dst in ((a, b), (b, a)):
+        if src.reading_paused and src.transport is not None:
+            src.reading_paused = False
+            src.transport.resume_reading()
+        if dst._paused and src.transport is not None:
+            src.transport.pause_reading()
+
+
+Side = WebSocket | RawSide

@@ -23,8 +23,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from fastapi import APIRouter, Depends, WebSocket
 
@@ -32,7 +34,7 @@ from xwhep.server import hosts as hostcache
 from xwhep.server.api.deps import FastJSON, identity, state, state_dep
 from xwhep.server.auth import Identity
 from xwhep.server.errors import ApiError
-from xwhep.server.relay import SPARE_TTL, Channel, Refused, Spare, Stream, close_reason
+from xwhep.server.relay import SPARE_TTL, TICKET_TTL, Channel, RawSide, Refused, Side, Spare, Stream, close_reason
 from xwhep.server.services import common as c
 from xwhep.server.services import tunnels
 from xwhep.server.state import ServerState
@@ -42,9 +44,9 @@ VERDICT_TTL = 1.0  # seconds an accepted client stream's rights check is reused
 log = logging.getLogger("xwhep.relay")
 
 
-async def _deny(ws: WebSocket, status: int, message: str) -> None:
+async def _deny(ws: Side, status: int, message: str) -> None:
     """Refuse the handshake with an HTTP error the client can read (or a close code if unsupported)."""
-    if "websocket.http.response" in ws.scope.get("extensions", {}):
+    if isinstance(ws, WebSocket) and "websocket.http.response" in ws.scope.get("extensions", {}):
         await ws.send_denial_response(FastJSON({"error": message, "field": None}, status_code=status))
     else:  # the close reason is all the client gets then
         await ws.close(code=4000 + status if 400 <= status < 600 else 4000, reason=message[:120])
@@ -59,9 +61,9 @@ async def _auth(ws: WebSocket) -> Identity | None:
         return None
 
 
-def _uid(ws: WebSocket, value: str, field: str) -> str | None:
+def _uid(value: str) -> str | None:
     try:
-        return c.ref(value, field)
+        return c.ref(value, "uid")
     except ApiError:
         return None
 
@@ -82,12 +84,12 @@ def _still_running(st: ServerState, tasks: list[str | None]) -> Any:
     return check
 
 
-async def _refuse(ws: WebSocket, status: int, message: str) -> None:
+async def _refuse(ws: Side, status: int, message: str) -> None:
     with contextlib.suppress(Exception):
         await ws.close(4000 + status if 400 <= status < 600 else 4000, close_reason(message))
 
 
-async def _wait_open(ws: WebSocket) -> bool:
+async def _wait_open(ws: Side) -> bool:
     """Accept an initiator and wait (at most SPARE_TTL) for its ``open``; False if it left or misbehaved."""
     await ws.accept()
     try:
@@ -103,7 +105,7 @@ async def _wait_open(ws: WebSocket) -> bool:
     return True
 
 
-async def _relay(st: ServerState, ws: WebSocket, ch: Channel, offer: dict[str, Any], work: str | None,
+async def _relay(st: ServerState, ws: Side, ch: Channel, offer: dict[str, Any], work: str | None,
                  task: str | None, watch: list[str | None], events: list[dict[str, Any]]) -> None:
     """Ask ``ch`` for a stream; once the target joined, tell the initiator ``ok`` and splice until the end."""
     try:
@@ -130,7 +132,7 @@ async def _end_unused(stream: Stream) -> None:
     stream.ended.set()
 
 
-async def _keep_spare(st: ServerState, ws: WebSocket, kind: Literal["host", "proxy"], key: str,
+async def _keep_spare(st: ServerState, ws: Side, kind: Literal["host", "proxy"], key: str,
                       owner: str) -> None:
     """Keep an accepted spare until a stream takes it (then until the stream ends) or it idles out."""
     spare = Spare(kind, key, owner, ws)
@@ -166,21 +168,37 @@ async def _control_loop(st: ServerState, ch: Channel) -> None:
         st.relay.detach(ch)
 
 
-@router.websocket("/hosts/{uid}/channel")
-async def host_channel(ws: WebSocket, uid: str) -> None:
-    """A worker's control channel: the server asks for streams to its jobs' listen ports on it."""
-    st = state(ws)  # type: ignore[arg-type]
-    ident = await _auth(ws)
-    if ident is None:
-        return
-    host = _uid(ws, uid, "uid")
+async def _host_of(st: ServerState, ws: Side, ident: Identity, uid: str) -> str | None:
+    """The host ``uid`` if ``ident`` may act for it (the worker's own credentials, or its owner's); None after
+    refusing."""
+    host = _uid(uid)
     try:
         if host is None:
             raise ApiError(400, f"uid: malformed uid {uid!r}")
         await hostcache.lookup(st, ident, host)
     except ApiError as exc:
         await _deny(ws, exc.status, exc.message)
+        return None
+    return host
+
+
+async def _host_preamble(ws: WebSocket, uid: str) -> tuple[ServerState, Identity, str] | None:
+    """Authenticate a worker's WebSocket and check it may act for host ``uid``; None after refusing."""
+    st = state(ws)  # type: ignore[arg-type]
+    ident = await _auth(ws)
+    if ident is None:
+        return None
+    host = await _host_of(st, ws, ident, uid)
+    return None if host is None else (st, ident, host)
+
+
+@router.websocket("/hosts/{uid}/channel")
+async def host_channel(ws: WebSocket, uid: str) -> None:
+    """A worker's control channel: the server asks for streams to its jobs' listen ports on it."""
+    pre = await _host_preamble(ws, uid)
+    if pre is None:
         return
+    st, ident, host = pre
     await ws.accept()
     await _control_loop(st, Channel("host", host, ident.uid, ws))
 
@@ -203,14 +221,8 @@ async def _check_work_port(st: ServerState, ident: Identity, work: str, port: in
     return v
 
 
-@router.websocket("/works/{uid}/ports/{port}")
-async def work_port(ws: WebSocket, uid: str, port: int) -> None:
-    """A client's stream to port ``port`` of work ``uid`` (``xwproxy UID --xwlistenport …``)."""
-    st = state(ws)  # type: ignore[arg-type]
-    ident = await _auth(ws)
-    if ident is None:
-        return
-    work = _uid(ws, uid, "uid")
+async def _work_port(st: ServerState, ws: Side, ident: Identity, uid: str, port: int) -> None:
+    work = _uid(uid)
     if work is None:
         await _deny(ws, 400, f"uid: malformed uid or URI {uid!r}")
         return
@@ -225,6 +237,14 @@ async def work_port(ws: WebSocket, uid: str, port: int) -> None:
         await _refuse(ws, 503, f"the worker running work {work} just disconnected: try again")
         return
     await _relay(st, ws, ch, {"task": v.task, "work": work, "port": port}, work, v.task, [v.task], v.events)
+
+
+@router.websocket("/works/{uid}/ports/{port}")
+async def work_port(ws: WebSocket, uid: str, port: int) -> None:
+    """A client's stream to port ``port`` of work ``uid`` (``xwproxy UID --xwlistenport …``)."""
+    ident = await _auth(ws)
+    if ident is not None:
+        await _work_port(state(ws), ws, ident, uid, port)  # type: ignore[arg-type]
 
 
 @router.websocket("/proxies")
@@ -249,20 +269,13 @@ async def proxy_channel(ws: WebSocket, address: str | None = None, key: str | No
     await _control_loop(st, Channel("proxy", address, ident.uid, ws))
 
 
-@router.websocket("/hosts/{uid}/tasks/{task}/forward")
-async def forward(ws: WebSocket, uid: str, task: str, address: str) -> None:
-    """A job's stream to one of its forward addresses, opened by the worker running the job."""
-    st = state(ws)  # type: ignore[arg-type]
-    ident = await _auth(ws)
-    if ident is None:
+async def _forward(st: ServerState, ws: Side, ident: Identity, uid: str, task: str, address: str) -> None:
+    host = await _host_of(st, ws, ident, uid)
+    if host is None:
         return
-    host, task_uid = _uid(ws, uid, "uid"), _uid(ws, task, "task")
-    try:
-        if host is None or task_uid is None:
-            raise ApiError(400, "malformed host or task uid")
-        await hostcache.lookup(st, ident, host)
-    except ApiError as exc:
-        await _deny(ws, exc.status, exc.message)
+    task_uid = _uid(task)
+    if task_uid is None:
+        await _deny(ws, 400, "malformed host or task uid")
         return
     if not await _wait_open(ws):
         return
@@ -283,37 +296,39 @@ async def forward(ws: WebSocket, uid: str, task: str, address: str) -> None:
     await _relay(st, ws, ch, offer, v.work, v.task, [task_uid, v.task], v.events)
 
 
+@router.websocket("/hosts/{uid}/tasks/{task}/forward")
+async def forward(ws: WebSocket, uid: str, task: str, address: str) -> None:
+    """A job's stream to one of its forward addresses, opened by the worker running the job."""
+    ident = await _auth(ws)
+    if ident is not None:
+        await _forward(state(ws), ws, ident, uid, task, address)  # type: ignore[arg-type]
+
+
 @router.websocket("/hosts/{uid}/spare")
 async def host_spare(ws: WebSocket, uid: str) -> None:
     """A worker's spare WebSocket: the next stream to one of its jobs' ports is handed to it."""
-    st = state(ws)  # type: ignore[arg-type]
-    ident = await _auth(ws)
-    if ident is None:
+    pre = await _host_preamble(ws, uid)
+    if pre is None:
         return
-    host = _uid(ws, uid, "uid")
-    try:
-        if host is None:
-            raise ApiError(400, f"uid: malformed uid {uid!r}")
-        await hostcache.lookup(st, ident, host)
-    except ApiError as exc:
-        await _deny(ws, exc.status, exc.message)
-        return
+    st, ident, host = pre
     await ws.accept()
     await _keep_spare(st, ws, "host", host, ident.uid)
 
 
-@router.websocket("/proxies/spare")
-async def proxy_spare(ws: WebSocket, address: str) -> None:
-    """A server proxy's spare WebSocket (its owner only)."""
-    st = state(ws)  # type: ignore[arg-type]
-    ident = await _auth(ws)
-    if ident is None:
-        return
+async def _proxy_spare(st: ServerState, ws: Side, ident: Identity, address: str) -> None:
     if st.relay.proxy_owner(address) != ident.uid:
         await _deny(ws, 404, f"no server proxy {address} of yours is connected")
         return
     await ws.accept()
     await _keep_spare(st, ws, "proxy", address, ident.uid)
+
+
+@router.websocket("/proxies/spare")
+async def proxy_spare(ws: WebSocket, address: str) -> None:
+    """A server proxy's spare WebSocket (its owner only)."""
+    ident = await _auth(ws)
+    if ident is not None:
+        await _proxy_spare(state(ws), ws, ident, address)  # type: ignore[arg-type]
 
 
 @router.websocket("/relay/{sid}")
@@ -333,6 +348,54 @@ async def relay_join(ws: WebSocket, sid: str) -> None:
         return
     stream.acceptor.set_result(ws)
     await stream.ended.wait()
+
+
+# -- raw connections (the fast data path: see xwhep.core.relaywire) --------------------------------------------------
+
+_RAW_ROUTES = [
+    (re.compile(r"/works/([^/]+)/ports/(\d{1,5})"), "work_port"),
+    (re.compile(r"/hosts/([^/]+)/tasks/([^/]+)/forward"), "forward"),
+    (re.compile(r"/hosts/([^/]+)/spare"), "host_spare"),
+    (re.compile(r"/proxies/spare"), "proxy_spare"),
+]
+
+
+async def raw_stream(st: ServerState, side: RawSide, ticket: str, target: str) -> None:
+    """A raw connection presented ``ticket`` for ``target`` (the path of the WebSocket endpoint it stands for):
+    the same checks and the same handling as that endpoint, the ticket standing for the bearer token it was
+    issued against."""
+    got = st.relay.redeem(ticket)
+    if isinstance(got, str):
+        await _deny(side, 401, got)
+        return
+    ident = got
+    if ident.x509_serial is not None and st.x509.revocations.is_revoked(ident.x509_serial):
+        await _deny(side, 401, "the certificate this token was obtained with is revoked")
+        return
+    if ident.uid in st.revoked_users:
+        await _deny(side, 401, "this identity was revoked")
+        return
+    parts = urlsplit(target)
+    query = dict(parse_qsl(parts.query))
+    for pattern, name in _RAW_ROUTES:
+        m = pattern.fullmatch(parts.path.removeprefix("/api/v1"))
+        if m is None:
+            continue
+        if name == "work_port":
+            await _work_port(st, side, ident, unquote(m[1]), int(m[2]))
+        elif name == "forward" and "address" in query:
+            await _forward(st, side, ident, unquote(m[1]), unquote(m[2]), query["address"])
+        elif name == "host_spare":
+            host = await _host_of(st, side, ident, unquote(m[1]))
+            if host is not None:
+                await side.accept()
+                await _keep_spare(st, side, "host", host, ident.uid)
+        elif name == "proxy_spare" and "address" in query:
+            await _proxy_spare(st, side, ident, query["address"])
+        else:
+            break
+        return
+    await _deny(side, 404, f"no raw relay endpoint {parts.path[:60]!r}")
 
 
 Ident = Annotated[Identity, Depends(identity)]
@@ -356,3 +419,17 @@ async def relay_drop_host(uid: str, ident: Ident, st: St) -> FastJSON:
     dropped = await st.relay.drop("host", host)
     await st.db.run(lambda conn: c.event(conn, ident.uid, "tunnel.drop", host, detail=f"{dropped} connection(s)"))
     return FastJSON({"dropped": dropped})
+
+
+@router.post("/relay/tickets")
+async def relay_tickets(ident: Ident, st: St, n: int = 4) -> FastJSON:
+    """``n`` one-time stream tickets (1–16) for the raw relay port: each opens one raw connection as the caller,
+    within a minute, in place of a WebSocket handshake. ``port`` is None when the server has no raw port (then
+    the WebSocket endpoints are the only way)."""
+    if st.relay.raw_port is None:
+        return FastJSON({"port": None, "tickets": [], "ttl": TICKET_TTL})
+    try:
+        tickets = st.relay.issue_tickets(ident, max(1, min(n, 16)))
+    except Refused as exc:
+        raise ApiError(exc.status, exc.message) from None
+    return FastJSON({"port": st.relay.raw_port, "tickets": tickets, "ttl": TICKET_TTL})
