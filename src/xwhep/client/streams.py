@@ -47,6 +47,7 @@ REFILL_DELAY = 0.01
 RAW_WRITE_HIGH = 1 << 20  # bytes queued towards one side before the other side stops being read
 RAW_INBOX = 4 << 20  # bytes of a raw stream received before its splice began, before reading stops
 RAW_RETRY = 60.0  # seconds the raw port is not tried again after it could not be reached
+RAW_READ = 256 * 1024  # bytes read at once from a raw connection or a spliced local socket
 RAW_CONNECT_TIMEOUT = 5.0  # seconds to reach the raw port (a firewall may drop what it does not allow)
 
 
@@ -472,7 +473,35 @@ async def refuse_local(ws: Conn, reason: str) -> None:
 
 # -- raw connections (the fast data path: xwhep.core.relaywire) ------------------------------------------------------
 
-class RawStream(asyncio.Protocol):
+class _Reader(asyncio.BufferedProtocol):
+    """Reads into one reusable buffer. A read handed to a transport that kept a view of it (it could not send it
+    all at once; TLS transports encrypt before ``write`` returns, plain ones may queue) gets a new buffer."""
+
+    _buf: bytearray
+    _view: memoryview
+
+    def _new_buffer(self) -> None:
+        self._buf = bytearray(RAW_READ)
+        self._view = memoryview(self._buf)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        view = self._view
+        self.data_received(view[:nbytes])
+        target = self._target()
+        if target is not None and target.get_write_buffer_size() and target.get_extra_info("sslcontext") is None:
+            self._new_buffer()
+
+    def _target(self) -> asyncio.Transport | None:
+        return None
+
+    def data_received(self, data: memoryview) -> None:
+        raise NotImplementedError
+
+
+class RawStream(_Reader):
     """A raw relay connection, with the part of a websockets ``ClientConnection`` the relay code uses
     (``send``, ``recv``, ``close``, ``state``, ``close_code``…); :meth:`splice` joins it with a local socket
     transport to transport, without a Python object per message."""
@@ -490,6 +519,10 @@ class RawStream(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
         self.local: _Local | None = None
+        self._new_buffer()
+
+    def _target(self) -> asyncio.Transport | None:
+        return self.local.transport if self.local is not None else None
 
     # -- websockets-like ---------------------------------------------------------------------------------------------
     @property
@@ -554,7 +587,7 @@ class RawStream(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=RAW_WRITE_HIGH)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: memoryview) -> None:
         try:
             frames = self.framer.feed(data)
         except wire.WireError:
@@ -637,7 +670,7 @@ class RawStream(asyncio.Protocol):
         return StreamError(f"local connection failed: {detail}")
 
 
-class _Local(asyncio.Protocol):
+class _Local(_Reader):
     """The local side of a raw splice: bytes up to the relay as frames, the relay's down as they come."""
 
     def __init__(self, relay: RawStream, verdict: str | None, done: asyncio.Future[tuple[str, str]]) -> None:
@@ -647,6 +680,10 @@ class _Local(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self.up_eof = False
         self.down_eof = False
+        self._new_buffer()
+
+    def _target(self) -> asyncio.Transport | None:
+        return self.relay.transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
@@ -677,7 +714,7 @@ class _Local(asyncio.Protocol):
         if not self.done.done():
             self.done.set_result((kind, detail))
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: memoryview) -> None:
         if self.verdict is not None:  # the local side says first whether it could connect
             if data[:1] != b"K":
                 self._end("refused", self.verdict)

@@ -62,6 +62,7 @@ MAX_TICKETS = 100_000  # outstanding stream tickets (server-wide)
 RAW_HEADER_TIMEOUT = 10.0  # seconds a raw connection has to present its ticket
 RAW_INBOX = 4 << 20  # bytes a raw connection may have waiting before the server stops reading it
 RAW_WRITE_HIGH = 1 << 20  # bytes queued towards a raw connection before its source stops being read
+RAW_READ = 256 * 1024 + 256  # read buffer of a raw connection (the TLS layer decrypts up to 256 KiB at once)
 
 
 class Refused(Exception):
@@ -495,9 +496,12 @@ def _message_frame(msg: dict[str, Any]) -> bytes:
     return wire.frame(wire.BIN, msg.get("bytes") or b"")
 
 
-class RawSide(asyncio.Protocol):
+class RawSide(asyncio.BufferedProtocol):
     """A raw connection (:mod:`xwhep.core.relaywire`) on the server, with the part of Starlette's WebSocket the
-    relay endpoints use (``accept``, ``receive``, ``send``, ``send_text``, ``close``), so they serve both."""
+    relay endpoints use (``accept``, ``receive``, ``send``, ``send_text``, ``close``), so they serve both.
+
+    A buffered protocol: TLS decrypts straight into one buffer per connection, which the splice hands to the
+    other connection's TLS (which encrypts it before ``write`` returns): no allocation per read."""
 
     def __init__(self, dispatch: Callable[[RawSide, str, str], Awaitable[None]]) -> None:
         self.dispatch = dispatch
@@ -520,6 +524,9 @@ class RawSide(asyncio.Protocol):
         self._paused = False
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._buf = bytearray(RAW_READ)
+        self._view = memoryview(self._buf)
+        self._plain_peer = False  # the peer's transport may keep a view of the buffer (no TLS): copy then
 
     # -- asyncio callbacks -------------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -532,10 +539,16 @@ class RawSide(asyncio.Protocol):
         if not self.started and self.transport is not None:
             self.transport.abort()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         peer = self.peer
         if peer is not None:  # the hot path: pass the bytes on, follow the frames
-            peer.write(data)
+            peer.write(bytes(data) if self._plain_peer else data)
             self.count += len(data)
             try:
                 controls = self.framer.feed(data)
@@ -547,7 +560,7 @@ class RawSide(asyncio.Protocol):
                     self.ended.set_result(wire.parse_close(payload))
             return
         if not self.started:
-            self.line += data
+            self.line += bytes(data)
             end = self.line.find(b"\n")
             if end < 0:
                 if len(self.line) > wire.MAX_LINE and self.transport is not None:
@@ -641,7 +654,7 @@ class RawSide(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.transport is not None and not self.lost and not self.transport.is_closing():
             self.transport.write(data)
 
@@ -711,6 +724,7 @@ def link(a: RawSide, b: RawSide, ended: asyncio.Future[tuple[int, str]]) -> None
             ended.set_result((code, reason or "the other end was lost"))
     a.peer, b.peer = b, a
     for src, dst in ((a, b), (b, a)):
+        src._plain_peer = dst.transport is None or dst.transport.get_extra_info("sslcontext") is None
         if src.reading_paused and src.transport is not None:
             src.reading_paused = False
             src.transport.resume_reading()

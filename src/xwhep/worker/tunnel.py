@@ -5,11 +5,12 @@ A job with listen ports or forward addresses gets a socket directory (``JOBROOT/
 happens inside). The worker side, here:
 
 * for each listen port P, a Unix socket ``listen-P.sock`` where the forwarder parks idle connections; when the
-  server asks on the control channel for a stream to (task, P), one is taken, told ``C``, and on ``K`` spliced
-  with a WebSocket to ``/relay/SID``; on ``R`` the stream is refused ("nothing listens on port P");
-* for each forward address (ADDRESS, P), a Unix socket ``fwd-P.sock``: each connection from the forwarder (the
-  job connected to its ``localhost:P``) opens a WebSocket to ``/hosts/HOST/tasks/TASK/forward?address=ADDRESS``;
-  the server decides whether this job may reach ADDRESS.
+  server asks for a stream to (task, P) (on a spare, or on the control channel), one is taken and told ``C``;
+  the forwarder answers ``F`` with its new connection to the job's port attached (``SCM_RIGHTS``), which the
+  worker splices with the stream itself, or ``R``: the stream is refused ("nothing listens on port P");
+* for each forward address (ADDRESS, P), a Unix socket ``fwd-P.sock``: each connection from the forwarder
+  carries the job's connection to its ``localhost:P`` (``F``) and opens a stream to
+  ``/hosts/HOST/tasks/TASK/forward?address=ADDRESS``; the server decides whether this job may reach ADDRESS.
 
 The worker only ever listens on those sockets, never connects into the sandbox: the job may replace or remove
 files in its socket directory, and nothing it does there can make the worker connect somewhere else.
@@ -43,7 +44,18 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from xwhep.client.sdk import Client
-from xwhep.client.streams import Ahead, Dialer, Spares, StreamError, local_socket, refuse_local, splice
+from xwhep.client.streams import (
+    CLOSE_REFUSED,
+    Ahead,
+    Conn,
+    Dialer,
+    Spares,
+    StreamError,
+    close_ws,
+    local_socket,
+    refuse_local,
+    splice,
+)
 from xwhep.core.tunnels import BadAddress, parse_forwards, parse_ports
 from xwhep.worker.executors.base import JobSpec
 
@@ -260,7 +272,7 @@ class TunnelManager:
             return sock
 
     async def _serve_listen(self, job: JobTunnels | None, msg: dict[str, Any],
-                            spare: ClientConnection | None = None) -> None:
+                            spare: Conn | None = None) -> None:
         """A stream to a job's listen port, asked on the control channel (then joined with a new WebSocket) or
         handed to a spare (already part of the stream: its first bytes follow the ``open``)."""
         sid = str(msg["stream"])
@@ -279,11 +291,23 @@ class TunnelManager:
         ws = spare
         try:
             sock = await self._take(job, port)
+            answer, handed = await _answer(sock)
         except TunnelError as exc:
             if ws is None:
                 await self._refuse(sid, str(exc))
             else:
                 await refuse_local(ws, str(exc))
+            return
+        if answer == b"F" and handed is not None:  # the job's connection itself: the forwarder is out of the way
+            sock.close()
+            sock = handed
+        elif answer != b"K":  # K: the forwarder relays (an old python3 in the sandbox)
+            sock.close()
+            reason = f"nothing listens on port {port} inside the job (yet)"
+            if ws is None:
+                await self._refuse(sid, reason)
+            else:
+                await close_ws(ws, CLOSE_REFUSED, reason)
             return
         if ws is None:
             try:
@@ -292,9 +316,9 @@ class TunnelManager:
                 log.warning("tunnels: stream to port %d of task %s: %s", port, job.task, exc.message)
                 sock.close()
                 return
-        await splice(ws, sock, verdict=f"nothing listens on port {port} inside the job (yet)")
+        await splice(ws, sock)
 
-    async def _on_spare(self, ws: ClientConnection, msg: dict[str, Any]) -> None:
+    async def _on_spare(self, ws: Conn, msg: dict[str, Any]) -> None:
         job = self.jobs.get(str(msg.get("task")))
         task = asyncio.current_task()
         if job is not None and task is not None:
@@ -389,7 +413,17 @@ class TunnelManager:
             t.add_done_callback(job.streams.discard)
 
     async def _serve_forward(self, job: JobTunnels, address: str, port: int, sock: socket.socket) -> None:
+        """A job connected to its ``localhost:port``: the forwarder hands its connection over (``F``) or relays it
+        itself (``B``); the stream to ``address`` is opened, the forwarder told ``K`` or ``R`` and why."""
         loop = asyncio.get_running_loop()
+        try:
+            answer, handed = await _answer(sock)
+        except TunnelError:
+            sock.close()
+            return
+        if answer not in (b"F", b"B") or (answer == b"F" and handed is None):
+            sock.close()
+            return
         try:
             ws = await job.ahead[port].stream()
         except StreamError as exc:
@@ -398,13 +432,20 @@ class TunnelManager:
             with contextlib.suppress(OSError):
                 await loop.sock_sendall(sock, b"R" + reason.encode()[:500] + b"\n")
             sock.close()
+            if handed is not None:
+                handed.close()
             return
         try:
             await loop.sock_sendall(sock, b"K")
         except OSError as exc:
             sock.close()
+            if handed is not None:
+                handed.close()
             await refuse_local(ws, str(exc))
             return
+        if handed is not None:
+            sock.close()
+            sock = handed
         await splice(ws, sock)
 
     def release(self, task: str) -> None:
@@ -427,6 +468,45 @@ class TunnelManager:
                 queue.get_nowait().close()
         for ahead in job.ahead.values():
             await ahead.close()
+
+
+async def _answer(sock: socket.socket, timeout: float = TAKE_TIMEOUT) -> tuple[bytes, socket.socket | None]:
+    """The forwarder's first byte on ``sock``, and the connection it handed over with it (``F``), if any."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, timeout)
+    except TimeoutError:
+        raise TunnelError("the job's forwarder did not answer") from None
+    finally:
+        loop.remove_reader(fd)
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, 1, 4)
+    except OSError:
+        return b"", None
+    handed = None
+    for i, received in enumerate(fds):
+        if i == 0 and data == b"F":
+            handed = _adopt(received)
+        else:
+            os.close(received)
+    return data, handed
+
+
+def _adopt(fd: int) -> socket.socket | None:
+    """A connection the forwarder handed over, if it is one (a TCP socket; anything else is closed): the job
+    controls what is sent, and the worker only ever relays a stream over it."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        return None
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        sock.close()
+        return None
+    return local_socket(sock)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

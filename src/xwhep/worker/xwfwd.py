@@ -7,14 +7,17 @@ only bridge, and only through Unix sockets the *worker* listens on (the worker n
 so nothing the job puts in the socket directory can redirect it):
 
 * listen port P: it keeps a few idle connections to ``listen-P.sock``; when the worker writes ``C`` on one (a
-  client opened a stream), it connects to ``127.0.0.1:P`` (then ``[::1]:P``) and answers ``K`` then relays, or
+  client opened a stream), it connects to ``127.0.0.1:P`` (then ``[::1]:P``) and answers ``F`` with that
+  connection attached (``SCM_RIGHTS``: the worker then reads and writes the job's connection itself), or
   answers ``R`` and closes when nothing listens there;
-* forward port P: it listens on ``127.0.0.1:P`` (and ``[::1]:P``); each connection of the job is relayed to a new
-  connection to ``fwd-P.sock``; the worker answers ``K`` (the stream to the forward address is open) or ``R`` and a
-  reason line (printed on the job's stderr).
+* forward port P: it listens on ``127.0.0.1:P`` (and ``[::1]:P``); each connection of the job is passed, as
+  ``F`` with the connection attached, on a new connection to ``fwd-P.sock``; the worker answers ``K`` (the
+  stream to the forward address is open) or ``R`` and a reason line (printed on the job's stderr).
 
-Bytes are moved by the kernel: ``splice(2)`` through a pipe, one blocking thread per direction, so the bridge
-costs next to no CPU (a Python copy loop cost as much as a relay hop). Half-closes are passed on (``shutdown``).
+Handing the connections over takes this process off the data path (it was a hop of its own: two more copies
+per byte). The worker only ever gets connected TCP sockets of the sandbox's own namespace, which give it no
+access to anything the job could not reach itself. Where ``socket.send_fds`` is missing (Python < 3.9), it
+answers ``K`` instead and relays with ``splice(2)`` (one blocking thread per direction; half-closes passed on).
 
 The job is started once the forward ports listen, with the same stdin/stdout/stderr and environment. When it
 exits, streams in flight get a short grace period, then this script exits with the job's status (128+N for
@@ -37,6 +40,7 @@ import time
 CHUNK = 1 << 20
 POOL = 4  # idle connections kept per listen port: new streams never wait for a connect
 GRACE = 1.0  # seconds streams in flight may still flush after the job exited
+HAND_OVER = hasattr(socket, "send_fds")  # pass the job's connections to the worker (else relay them here)
 
 _active = 0
 _active_lock = threading.Lock()
@@ -163,6 +167,12 @@ def serve_listen(port: int, conn: socket.socket) -> None:
         conn.close()
         return
     job.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if HAND_OVER:
+        with contextlib.suppress(OSError):
+            socket.send_fds(conn, [b"F"], [job.fileno()])
+        job.close()  # the worker holds the connection now
+        conn.close()
+        return
     try:
         conn.sendall(b"K")
     except OSError:
@@ -205,6 +215,17 @@ def serve_forward(sockets: str, port: int, job: socket.socket) -> None:
         job.close()
         return
     job.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        if HAND_OVER:
+            socket.send_fds(conn, [b"F"], [job.fileno()])
+        else:
+            conn.sendall(b"B")  # relayed by this process (see the module's docstring)
+    except OSError as exc:
+        log(f"localhost:{port}: the worker is not reachable: {exc}")
+        _kill(job, conn)
+        job.close()
+        conn.close()
+        return
     # The worker answers first (K, or R and a reason); whatever the job sent meanwhile waits in its socket.
     try:
         verdict = conn.recv(1)
@@ -224,6 +245,10 @@ def serve_forward(sockets: str, port: int, job: socket.socket) -> None:
         log(f"localhost:{port}: refused: {text}")
         _kill(job, conn)
         job.close()
+        conn.close()
+        return
+    if HAND_OVER:
+        job.close()  # the worker holds the connection now
         conn.close()
         return
     bridge(job, conn)
