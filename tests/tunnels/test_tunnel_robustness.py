@@ -121,8 +121,9 @@ def test_64_mib_each_way_with_sha256(tcpserv: tuple[str, int]) -> None:
 
 def test_a_slow_reader_stalls_the_writer_not_the_server(grid: Grid, tcpserv: tuple[str, int]) -> None:
     """The job never reads: the client's sends must stop being accepted after a bounded amount (the buffers along
-    the way), and the server's memory must not grow with what the client tries to push."""
-    _, port = tcpserv
+    the way), and the server's memory must not grow with what the client tries to push (on the raw path, the
+    default: the server splices transport to transport)."""
+    uid, port = tcpserv
     server = psutil.Process(grid.server.proc.pid)  # type: ignore[union-attr]
     before = server.memory_info().rss
     chunk = os.urandom(MiB)
@@ -136,6 +137,7 @@ def test_a_slow_reader_stalls_the_writer_not_the_server(grid: Grid, tcpserv: tup
         except TimeoutError:
             pass
         grown = server.memory_info().rss - before
+        assert relay_state(grid.admin, uid)["raw_streams"] == 1
     assert accepted < 256 * MiB, f"{accepted / MiB:.0f} MiB accepted: nothing pushed back"
     assert grown < 48 * MiB, f"the server grew by {grown / MiB:.0f} MiB for {accepted / MiB:.0f} MiB pushed"
     assert _echo(port, b"still fine") == b"still fine"  # the stalled stream harmed no other
@@ -144,6 +146,11 @@ def test_a_slow_reader_stalls_the_writer_not_the_server(grid: Grid, tcpserv: tup
 def test_a_dropped_control_channel_reconnects(grid: Grid, tcpserv: tuple[str, int]) -> None:
     _, port = tcpserv
     with _connect(port, "ECHO") as inflight:
+        inflight.sendall(b"up")  # a round trip first: the stream is set up (in flight) before the drop
+        got = b""
+        while len(got) < 2 and (b := inflight.recv(2 - len(got))):
+            got += b
+        assert got == b"up"
         r = grid.admin.http.delete(f"{grid.admin.base}/relay/hosts/{grid.host}", headers=grid.admin._auth_header())
         assert r.status_code == 200 and r.json()["dropped"] >= 1, r.text
         # the stream in flight does not depend on the control channel
