@@ -7,6 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from cluster import ServerProc
 from sdkworker import SdkWorker
 
@@ -14,8 +15,11 @@ N_WORKS = 2000
 N_REQUESTERS = 20
 
 
+@pytest.mark.parametrize("protocol", ["split", "sync"])
 def test_every_work_dispatched_exactly_once(make_server: Callable[..., ServerProc], db_url: str | None,
-                                            tmp_path: Path) -> None:
+                                            tmp_path: Path, protocol: str) -> None:
+    """``split``: request + reports calls; ``sync``: one call per round, reports and claims in one transaction
+    (on SQLite, calls of one event-loop turn also share a transaction: group commit with savepoints)."""
     srv = make_server(db=db_url)
     admin = srv.client("admin")
     prog = tmp_path / "noop.sh"
@@ -27,14 +31,24 @@ def test_every_work_dispatched_exactly_once(make_server: Callable[..., ServerPro
 
     def drain(w: SdkWorker) -> list[str]:
         got: list[str] = []
+        done: list[dict[str, object]] = []
         while True:
-            batch = w.take(7, wait=0.2)
+            if protocol == "sync":
+                reply = w.c.sync(w.host, reports=done, max=7, wait=0.2)
+                assert all(r["outcome"] == "done" for r in reply["reports"])
+                batch = reply["works"]
+                done = []
+            else:
+                batch = w.take(7, wait=0.2)
             if not batch:
                 return got
-            got.extend(a["work"] for a in batch)
             for a in batch:  # half of them complete at once, so claims and reports interleave
+                got.append(a["work"])
                 if len(got) % 2:
-                    w.finish(a["task"], None)
+                    if protocol == "sync":
+                        done.append({"task": a["task"], "status": "COMPLETED", "return_code": 0})
+                    else:
+                        w.finish(a["task"], None)
 
     with ThreadPoolExecutor(N_REQUESTERS) as pool:
         results = list(pool.map(drain, workers))

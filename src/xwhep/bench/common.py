@@ -309,6 +309,7 @@ class Settings:
     transfer_mib: int = 1024  # transfer: size of the data
     sandbox_n: int = 20  # sandbox: runs of /bin/true each way
     client: str = "raw"  # raw | httpx
+    protocol: str = "sync"  # throughput: sync (one call per round, as xw worker does) | split (request, alive, reports)
     workdir: Path = field(default_factory=lambda: Path("/tmp"))
     pg_url: str | None = None
 

@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-mib", type=int, help="size of the transferred data in MiB (default 1024)")
     p.add_argument("--dispatch-works", type=int, help="works for the dispatch latency (default 200)")
     p.add_argument("--client", choices=["raw", "httpx"], help="HTTP client of the simulated workers")
+    p.add_argument("--protocol", choices=["sync", "split"],
+                   help="worker protocol of the simulated workers: one sync call per round (default, as xw worker "
+                        "does) or the three calls request, alive, reports")
     p.add_argument("--pg-url", help="an existing PostgreSQL server (postgresql://user@host:port) instead of a "
                                     "throwaway one")
     p.add_argument("--workdir", type=Path, help="where servers and files live during the run (default: temp)")
@@ -59,7 +62,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {"workers": args.workers, "works": args.works, "k": args.k, "dbs": args.db,
                                  "hosts": args.hosts, "alive_period": args.alive_period,
                                  "alive_rounds": args.alive_rounds, "transfer_mib": args.transfer_mib,
-                                 "dispatch_n": args.dispatch_works, "client": args.client, "pg_url": args.pg_url}
+                                 "dispatch_n": args.dispatch_works, "client": args.client, "pg_url": args.pg_url,
+                                 "protocol": args.protocol}
     for k, v in overrides.items():
         if v is not None:
             setattr(s, k, v)

@@ -4,8 +4,10 @@ Thousands of them live in one process. Their HTTP client is deliberately small (
 keep-alive over ``asyncio`` TLS streams, a few dozen microseconds of client CPU per request) so that on a small
 machine the load generator steals as little CPU as possible from the server it measures; ``--client httpx``
 swaps in ``httpx.AsyncClient`` as a cross-check. Each simulated worker does what ``xw worker`` does for a
-no-op job: ``request`` (long-poll, up to ``k`` works) → ``alive`` (its running tasks) → ``reports``
-(COMPLETED, return code 0, no result) → again, until the bag is done.
+no-op job. With the ``sync`` protocol (the default, as ``xw worker``): one ``/sync`` call per round carries the
+reports of the works it finished (COMPLETED, return code 0, no result) and asks for up to ``k`` more (a
+long-poll only when it has nothing to report, so a report is never held back), plus an ``alive`` every alive
+period. With ``split`` (the three-call protocol, kept for comparison): ``request`` → ``alive`` → ``reports``.
 """
 
 from __future__ import annotations
@@ -224,7 +226,7 @@ class SimWorker:
     """One simulated host running no-op works until ``stop`` is set."""
 
     def __init__(self, http: Http, token: str, host: str, k: int, wait: float, stats: Stats,
-                 on_done: Callable[[int], None]) -> None:
+                 on_done: Callable[[int], None], protocol: str = "sync", alive_period: float = 30.0) -> None:
         self.http = http
         self.token = token
         self.host = host
@@ -232,6 +234,10 @@ class SimWorker:
         self.wait = wait
         self.stats = stats
         self.on_done = on_done
+        self.protocol = protocol
+        self.alive_period = alive_period
+        self.finished: list[str] = []  # tasks done and not reported yet (sync protocol)
+        self.next_alive = time.perf_counter() + alive_period
 
     async def run(self, stop: asyncio.Event) -> None:
         st = self.stats
@@ -246,6 +252,52 @@ class SimWorker:
                 await asyncio.sleep(0.05)
 
     async def _round(self, base: str) -> None:
+        if self.protocol == "sync":
+            await self._sync_round(base)
+        else:
+            await self._split_round(base)
+
+    async def _sync_round(self, base: str) -> None:
+        st = self.stats
+        reports = [{"task": t, "status": "COMPLETED", "return_code": 0} for t in self.finished]
+        t0 = time.perf_counter()
+        if t0 >= self.next_alive:  # the periodic alive of a worker (nothing runs between two rounds here)
+            await call(self.http, "POST", base + "/alive", {"tasks": [], "results": []}, self.token)
+            t1 = time.perf_counter()
+            st.latency["alive"].append(t1 - t0)
+            self.next_alive = t1 + self.alive_period
+            t0 = t1
+        body = {"reports": reports, "max": self.k, "wait": 0.0 if reports else self.wait}
+        out = await call(self.http, "POST", base + "/sync", body, self.token)
+        t1 = time.perf_counter()
+        self.finished = []
+        if reports:
+            st.latency["sync"].append(t1 - t0)
+            n = 0
+            for r in out["reports"]:
+                if r["outcome"] == "done":
+                    n += 1
+                elif r["outcome"] == "upload":
+                    st.uploads += 1
+                else:
+                    st.stale += 1
+            st.done += n
+            st.first_done = min(st.first_done, t1)
+            st.last_done = max(st.last_done, t1)
+            self.on_done(n)
+        works = out["works"]
+        if not works:
+            if not reports:
+                st.empty_polls += 1
+            return
+        if not reports:
+            st.latency["sync"].append(t1 - t0)
+        st.claimed += len(works)
+        st.first_claim = min(st.first_claim, t1)
+        st.last_claim = max(st.last_claim, t1)
+        self.finished = [w["task"] for w in works]  # a no-op job ends as soon as it starts
+
+    async def _split_round(self, base: str) -> None:
         st = self.stats
         t0 = time.perf_counter()
         out = await call(self.http, "POST", base + "/request", {"max": self.k, "wait": self.wait}, self.token)

@@ -31,7 +31,7 @@ from xwhep.bench.simworker import SimWorker, Stats, arun, call, login, make_pool
 BAG = 10_000  # the server's limit per bulk submission
 
 
-async def _bag_run(srv: Server, m: int, n: int, k: int, wait: float, client: str) -> dict[str, Any]:
+async def _bag_run(srv: Server, m: int, n: int, k: int, wait: float, client: str, protocol: str) -> dict[str, Any]:
     admin, worker = srv.conf("admin"), srv.conf("worker")
     ca = str(srv.ca)
     sub = make_pool(client, srv.url, ca, 2)
@@ -43,6 +43,7 @@ async def _bag_run(srv: Server, m: int, n: int, k: int, wait: float, client: str
         app = await noop_app(sub, admin_tok)
         t = time.perf_counter()
         hosts = await asyncio.gather(*(register(pool, worker_tok, f"sim-{i:05d}") for i in range(m)))
+        alive_period = float((await call(pool, "POST", f"/hosts/{hosts[0]}/alive", {}, worker_tok))["alive_period"])
         registration_s = time.perf_counter() - t
         stats = Stats()
         stop = asyncio.Event()
@@ -52,7 +53,7 @@ async def _bag_run(srv: Server, m: int, n: int, k: int, wait: float, client: str
             if stats.done >= n:
                 finished.set()
 
-        workers = [SimWorker(pool, worker_tok, h, k, wait, stats, on_done) for h in hosts]
+        workers = [SimWorker(pool, worker_tok, h, k, wait, stats, on_done, protocol, alive_period) for h in hosts]
         tasks = [asyncio.create_task(w.run(stop)) for w in workers]
         await asyncio.sleep(0.5)  # every worker is now idle in a long-poll
         timeout = 60.0 + n / 50.0
@@ -85,7 +86,7 @@ async def _bag_run(srv: Server, m: int, n: int, k: int, wait: float, client: str
                   "calls": len(v)} for name, v in stats.latency.items()}
     server_load = sampler.summary()
     out: dict[str, Any] = {
-        "workers": m, "works": n, "k": k, "done": stats.done, "timed_out": timed_out,
+        "workers": m, "works": n, "k": k, "protocol": protocol, "done": stats.done, "timed_out": timed_out,
         "end_to_end_works_per_s": rnd(stats.done / (t_end - t0)) if stats.done else 0.0,
         "end_to_end_s": rnd(t_end - t0, 3),
         "submit_works_per_s": rate(n, t0, t_submitted),
@@ -107,7 +108,8 @@ def bag_run(settings: Settings, db: str | None, m: int, workdir: Path) -> dict[s
     srv = Server(home=workdir / f"server-{m}", db=db, args=["--alive-timeout", "600"])
     srv.start()
     try:
-        return arun(_bag_run(srv, m, settings.works, settings.k, settings.wait, settings.client))  # type: ignore
+        return arun(_bag_run(srv, m, settings.works, settings.k, settings.wait, settings.client,
+                               settings.protocol))  # type: ignore
     finally:
         srv.stop()
 
@@ -136,6 +138,7 @@ def run(settings: Settings, pg: Postgres) -> Result:
     res.details["runs"] = runs
     res.details["k"] = settings.k
     res.details["client"] = settings.client
+    res.details["protocol"] = settings.protocol
     headline: dict[str, float | None] = {}
     for db in settings.dbs:
         key = f"throughput_{db}_works_per_s"

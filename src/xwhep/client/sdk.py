@@ -478,6 +478,17 @@ class Client:
     def report(self, host: str, reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return self._json("POST", f"/hosts/{host}/reports", json={"reports": reports})["reports"]  # type: ignore
 
+    def sync(self, host: str, reports: list[dict[str, Any]] | None = None, tasks: list[str] | None = None,
+             results: list[str] | None = None, active: bool = True, max: int = 0, wait: float = 0.0
+             ) -> dict[str, Any]:
+        """A worker's round trip in one call: report finished tasks, signal alive for ``tasks`` (running) and
+        ``results`` (held), and take up to ``max`` new works, waiting up to ``wait`` s for some. The reply has
+        ``reports`` (outcomes), ``tasks``/``ack``/``resend``/``report`` (as :meth:`alive`) and ``works``."""
+        body = {"reports": reports or [], "tasks": tasks or [], "results": results or [], "active": active,
+                "max": max, "wait": wait}
+        return self._json("POST", f"/hosts/{host}/sync", json=body,  # type: ignore[no-any-return]
+                          timeout=httpx.Timeout(wait + 60.0, connect=15.0))
+
     def download_to(self, info: dict[str, Any], f: BinaryIO) -> None:
         """Stream a data described by an assignment (uid, sha256) into an open file (the worker's cache)."""
         url = f"{self.base}/datas/{info['uid']}/content"

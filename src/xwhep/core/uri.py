@@ -6,6 +6,9 @@ import re
 import uuid
 
 _URI = re.compile(r"^xw://(?P<host>[A-Za-z0-9.\-_\[\]:]+)/(?P<uid>[^/?#]+)/?$")
+# the canonical hyphenated form only (any case): what str(uuid.UUID(x)) prints; a regex is ten times cheaper
+# than parsing, and every report and request checks a few uids
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 
 
 class BadUri(ValueError):
@@ -14,10 +17,7 @@ class BadUri(ValueError):
 
 def is_uid(text: str) -> bool:
     """True for a canonical UUID string."""
-    try:
-        return str(uuid.UUID(text)) == text.lower()
-    except (ValueError, AttributeError, TypeError):
-        return False
+    return isinstance(text, str) and _UUID.fullmatch(text) is not None
 
 
 def new_uid() -> str:

@@ -174,18 +174,7 @@ def create_app(st: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> FastJSON:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path") and p not in MODEL_NAMES]
-        field = ".".join(loc) or None
-        msg = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            msg, field = "request body is not valid JSON", "body"
-        elif first.get("type") in ("model_attributes_type", "dict_type") and not loc:
-            msg, field = "request body must be a JSON object", "body"
-        return FastJSON({"error": f"{field}: {msg}" if field else msg, "field": field,
-                         "details": [{"field": ".".join(str(p) for p in e.get("loc", ())), "error": e.get("msg")}
-                                     for e in errors[:20]]}, status_code=400)
+        return FastJSON(models.validation_error(exc.errors()), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> FastJSON:
@@ -196,4 +185,3 @@ def create_app(st: ServerState) -> FastAPI:
 
 
 LEVEL_ADMIN = UsageLevel.SUPER_USER
-MODEL_NAMES = frozenset(name for name, obj in vars(models).items() if isinstance(obj, type))

@@ -14,6 +14,7 @@ from typing import Any
 
 import uvicorn
 
+from xwhep.server.api.fastpath import FastPath
 from xwhep.server.app import create_app
 from xwhep.server.auth import Tokens
 from xwhep.server.config import ServerConfig
@@ -99,7 +100,7 @@ def serve(cfg: ServerConfig) -> None:
     st = ServerState(config=cfg, db=db, store=BlobStore(cfg.blob_dir), tokens=Tokens(secret(cfg.home)), oidc=oidc,
                      login_failures_account=FailureLimiter(*cfg.login_rate),
                      login_failures_address=FailureLimiter(cfg.login_rate[0] * 4, cfg.login_rate[1]))
-    app = create_app(st)
+    app = FastPath(create_app(st), st)  # the workers' hot calls skip FastAPI's routing (see fastpath.py)
     kwargs = {}
     if material is not None:
         kwargs = {"ssl_certfile": str(material.cert), "ssl_keyfile": str(material.key)}

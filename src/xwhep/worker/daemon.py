@@ -65,6 +65,10 @@ class Worker:
         self.slot_free = threading.Condition(self.lock)
         self.stopping = threading.Event()
         self.deliver_now = threading.Event()
+        # results handed to the pull loop: when a job ends while the pool is full, its report rides on the
+        # sync call that asks for the next work (one round trip instead of two)
+        self.outbox: list[Entry] = []
+        self.waiting_slot = False
         self.active = True
         self.idle_reason = "starting"
         self.host: str | None = None
@@ -169,16 +173,26 @@ class Worker:
             with self.lock:
                 if len(self.jobs) >= self.cfg.pool:
                     self._set_idle("pool full", locked=True)
+                    self.waiting_slot = True
                     self.slot_free.wait()
-                    continue  # a slot freed up, maybe by a deactivation: check the policy again first
+                    self.waiting_slot = False
+                    if not self.outbox:
+                        continue  # a slot freed up, maybe by a deactivation: check the policy again first
                 free = self.cfg.pool - len(self.jobs)
+                outbox, self.outbox = self.outbox, []
             if self.stopping.is_set():
+                self.deliver_now.set()  # the deliver loop sends what the outbox held
                 return
             try:
-                self._set_idle("waiting for matching work")
-                works = self.client.request_works(self.host, max=free, wait=self.cfg.long_poll_s)
+                if not outbox:
+                    self._set_idle("waiting for matching work")
+                # a report is never held back by a long-poll: with reports aboard, ask without waiting
+                reply = self.client.sync(self.host, reports=[e.report for e in outbox], max=free,
+                                         wait=0.0 if outbox else self.cfg.long_poll_s)
                 backoff.reset()
             except Exception as exc:
+                if outbox:
+                    self.deliver_now.set()  # still spooled: the deliver loop retries them
                 if self.stopping.is_set():
                     return
                 if not isinstance(exc, XwError):
@@ -190,7 +204,10 @@ class Worker:
                 self._set_idle(f"server unreachable: {exc.message}")
                 self.stopping.wait(backoff.next())
                 continue
-            for a in works:
+            settled = [self._settle(entry, out) for entry, out in zip(outbox, reply["reports"], strict=True)]
+            if not all(settled):
+                self.deliver_now.set()  # uploads go through the deliver loop: a big file must not stall pulling
+            for a in reply["works"]:
                 self._start(a)
 
     def _start(self, assignment: dict[str, Any]) -> None:
@@ -208,15 +225,20 @@ class Worker:
 
     def _run_job(self, j: jobmod.Job) -> None:
         root = self.jobs_dir / j.task
+        entry = None
         try:
             entry = jobmod.run(j, root, self.cache, self._fetch, self.executor, self.cfg, self.spool, self.tunnels)
         finally:
             shutil.rmtree(root, ignore_errors=True)
             with self.lock:
                 self.jobs.pop(j.task, None)
+                aboard = entry is not None and self.waiting_slot and self.active and not self.stopping.is_set()
+                if aboard:
+                    assert entry is not None
+                    self.outbox.append(entry)
                 self.slot_free.notify_all()
             self._write_status()
-        if entry is not None:
+        if entry is not None and not aboard:
             self._deliver(entry)
             self._write_status()
 
@@ -227,10 +249,7 @@ class Worker:
         try:
             if entry.data is None or "result" not in entry.report:
                 [out] = self.client.report(self.host, [entry.report])
-                if out["outcome"] == "upload":
-                    self.spool.set_data(entry, out["result"])
-                elif out["outcome"] in ("done", "stale"):
-                    self.spool.drop(entry.task)
+                if self._settle(entry, out):
                     return True
             if entry.data is not None and entry.result is not None:
                 try:
@@ -243,6 +262,16 @@ class Worker:
         except XwError as exc:
             log.warning("result of task %s not delivered yet: %s", entry.task, exc.message)
             return False
+
+    def _settle(self, entry: Entry, out: dict[str, Any]) -> bool:
+        """Act on the server's answer to a report; True when nothing is left to send."""
+        if out["outcome"] == "upload":
+            self.spool.set_data(entry, out["result"])
+            return False
+        if out["outcome"] in ("done", "stale"):
+            self.spool.drop(entry.task)
+            return True
+        return False
 
     def _deliver_loop(self) -> None:
         backoff = Backoff()

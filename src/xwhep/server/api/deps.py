@@ -33,11 +33,16 @@ async def state_dep(request: Request) -> ServerState:
 
 async def identity(request: Request) -> Identity:
     """The bearer token's identity (ours, or an OpenID Connect issuer's); 401 without a valid one."""
-    header = request.headers.get("authorization", "")
+    ident = await authenticate(state(request), request.headers.get("authorization", ""))
+    request.state.ident = ident  # for the audit event of a refusal
+    return ident
+
+
+async def authenticate(st: ServerState, header: str) -> Identity:
+    """The identity behind an ``Authorization`` header value; :class:`ApiError` 401 without a valid one."""
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "authentication required: log in with POST /api/v1/auth/login and send the token")
-    st = state(request)
     token = token.strip()
     ident = st.tokens.check(token)
     if ident is None and st.oidc:
@@ -49,5 +54,4 @@ async def identity(request: Request) -> Identity:
         raise ApiError(401, "the certificate this token was obtained with is revoked")
     if ident.uid in st.revoked_users:  # deleted (revoked) since the token was issued: refused at once
         raise ApiError(401, "this identity was revoked")
-    request.state.ident = ident  # for the audit event of a refusal
     return ident

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -119,6 +120,17 @@ class ReportsIn(Strict):
     reports: list[Report] = Field(max_length=10_000)
 
 
+class SyncIn(Strict):
+    """One round trip of a worker: what it finished, what it runs and holds, and how many works it wants."""
+
+    reports: list[Report] = Field([], max_length=10_000)
+    tasks: list[str] = []
+    results: list[str] = []
+    active: bool = True
+    max: int = Field(0, ge=0, le=1000)
+    wait: float = Field(0.0, ge=0.0, le=600.0)
+
+
 class UserSpec(Strict):
     login: str
     password: str | None = None
@@ -147,3 +159,21 @@ class PasswordIn(Strict):
 
 def dump(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(exclude_none=True)
+
+
+def validation_error(errors: Sequence[Any]) -> dict[str, Any]:
+    """The 400 body for a request that failed validation: the first problem names its field."""
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path") and p not in MODEL_NAMES]
+    field = ".".join(loc) or None
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        msg, field = "request body is not valid JSON", "body"
+    elif first.get("type") in ("model_attributes_type", "dict_type", "model_type") and not loc:
+        msg, field = "request body must be a JSON object", "body"
+    return {"error": f"{field}: {msg}" if field else msg, "field": field,
+            "details": [{"field": ".".join(str(p) for p in e.get("loc", ())), "error": e.get("msg")}
+                        for e in errors[:20]]}
+
+
+MODEL_NAMES = frozenset(name for name, obj in list(vars().items()) if isinstance(obj, type))

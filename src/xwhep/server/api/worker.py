@@ -12,10 +12,11 @@ from typing import Annotated, Any
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends
 
+from xwhep.core.matching import HostProfile
 from xwhep.core.model import TaskStatus
 from xwhep.server import hosts as hostcache
 from xwhep.server.api.deps import FastJSON, identity, state_dep
-from xwhep.server.api.models import AliveIn, HostSpec, ReportsIn, RequestIn, dump
+from xwhep.server.api.models import AliveIn, HostSpec, ReportsIn, RequestIn, SyncIn, dump
 from xwhep.server.auth import Identity
 from xwhep.server.db import schema as s
 from xwhep.server.services import common as c
@@ -30,7 +31,7 @@ St = Annotated[ServerState, Depends(state_dep)]
 @router.post("/hosts", status_code=201)
 async def register(body: HostSpec, ident: Ident, st: St) -> FastJSON:
     """Register (or re-register) the caller's host with its description and sharings."""
-    row = await st.db.run(dispatch.register, ident, dump(body))
+    row = await st.db.run_grouped(dispatch.register, ident, dump(body))
     hostcache.remember(st, row, ident.level, ident.usergroup)
     st.liveness.hosts[row["uid"]] = time.time()
     out = c.render(row, st.name)
@@ -63,47 +64,53 @@ async def request_works(uid: str, body: RequestIn, ident: Ident, st: St) -> Fast
     """Up to ``max`` matching works, waiting up to ``wait`` seconds for some to arrive (long-poll)."""
     uid = c.ref(uid, "uid")
     host, version = await hostcache.lookup(st, ident, uid)
-    deadline = time.monotonic() + min(body.wait, st.config.max_long_poll)
     st.inactive_hosts.discard(uid)  # asking for work means active again
+    deadline = time.monotonic() + min(body.wait, st.config.max_long_poll)
+    return FastJSON({"works": await _long_poll(st, host, version, body.max, deadline)})
+
+
+async def _long_poll(st: ServerState, host: HostProfile, version: int, k: int, deadline: float
+                     ) -> list[dict[str, Any]]:
+    """Claim up to ``k`` works for ``host`` as soon as some match, or give up at ``deadline``."""
+    uid = host.uid
     while True:
-        if uid in st.inactive_hosts:  # deactivated (alive said so) while this long-poll waited
-            return FastJSON({"works": []})
+        if uid in st.inactive_hosts or st.scheduler.closing:  # deactivated while this long-poll waited
+            return []
         st.liveness.hosts[uid] = time.time()
-        picked = st.scheduler.pick(host, body.max, version)
+        picked = st.scheduler.pick(host, k, version)
         if picked:
             try:
-                out, eff = await st.db.run(dispatch.claim, host, picked)
+                out, eff = await st.db.run_grouped(dispatch.claim, host, picked)
             except BaseException:
                 st.resync_needed = True  # the picked works are still PENDING in the database
                 raise
             eff.apply(st)
             if out:
-                return FastJSON({"works": out})
+                return out
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or st.scheduler.closing:
-            return FastJSON({"works": []})
+        if remaining <= 0:
+            return []
         await st.scheduler.wait(remaining)
 
 
-@router.post("/hosts/{uid}/alive")
-async def alive(uid: str, body: AliveIn, ident: Ident, st: St) -> FastJSON:
-    """Per-host and per-task alive signal. The reply says, per task, continue or stop; it acknowledges results
-    the server holds (the worker may drop them) and asks again for results it still misses."""
-    uid = c.ref(uid, "uid")
-    await hostcache.lookup(st, ident, uid)
+def _alive_mark(st: ServerState, uid: str, tasks: list[str], results: list[str]) -> list[str]:
+    """Record an alive signal in memory; returns the tasks whose state must be read from the database."""
     t = time.time()
     live = st.liveness
     live.hosts[uid] = t
-    for task in body.tasks:
+    for task in tasks:
         live.tasks[task] = t
-    for task in body.results:
+    for task in results:
         live.tasks[task] = t
-    unknown = [task for task in body.tasks if task not in live.active_tasks]
-    states: dict[str, dict[str, Any]] = {}
-    if unknown or body.results:
-        states = await st.db.run(dispatch.task_states, uid, unknown + list(body.results))
+    return [task for task in tasks if task not in live.active_tasks] + list(results)
+
+
+def _alive_reply(st: ServerState, uid: str, tasks: list[str], results: list[str], active: bool,
+                 states: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per task continue or stop; results acknowledged, to send again, or never reported."""
+    live = st.liveness
     orders = {}
-    for task in body.tasks:
+    for task in tasks:
         if task in live.active_tasks:
             orders[task] = "continue"
             continue
@@ -115,7 +122,7 @@ async def alive(uid: str, body: AliveIn, ident: Ident, st: St) -> FastJSON:
             orders[task] = "stop"
             live.tasks.pop(task, None)
     ack, resend, report = [], {}, []
-    for task in body.results:
+    for task in results:
         info = states.get(task)
         if info and info["status"] == TaskStatus.DATAREQUEST and info["current"] == task and info["result"]:
             resend[task] = info["result"]
@@ -124,13 +131,66 @@ async def alive(uid: str, body: AliveIn, ident: Ident, st: St) -> FastJSON:
         else:
             ack.append(task)
             live.tasks.pop(task, None)
-    if body.active:
+    _set_active(st, uid, active)
+    return {"tasks": orders, "ack": ack, "resend": resend, "report": report, "alive_period": st.config.alive_period}
+
+
+def _set_active(st: ServerState, uid: str, active: bool) -> None:
+    if active:
         st.inactive_hosts.discard(uid)
     elif uid not in st.inactive_hosts:  # a deactivated worker gets no more works: release its long-poll now
         st.inactive_hosts.add(uid)
         st.scheduler.notify()
-    return FastJSON({"tasks": orders, "ack": ack, "resend": resend, "report": report,
-                     "alive_period": st.config.alive_period})
+
+
+@router.post("/hosts/{uid}/alive")
+async def alive(uid: str, body: AliveIn, ident: Ident, st: St) -> FastJSON:
+    """Per-host and per-task alive signal. The reply says, per task, continue or stop; it acknowledges results
+    the server holds (the worker may drop them) and asks again for results it still misses."""
+    return FastJSON(await alive_reply(st, ident, uid, body))
+
+
+async def alive_reply(st: ServerState, ident: Identity, uid: str, body: AliveIn) -> dict[str, Any]:
+    """The alive call itself (also served by :mod:`~xwhep.server.api.fastpath`)."""
+    uid = c.ref(uid, "uid")
+    await hostcache.lookup(st, ident, uid)
+    lookup = _alive_mark(st, uid, body.tasks, body.results)
+    states = await st.db.run_grouped(dispatch.task_states, uid, lookup) if lookup else {}
+    return _alive_reply(st, uid, body.tasks, body.results, body.active, states)
+
+
+@router.post("/hosts/{uid}/sync")
+async def sync(uid: str, body: SyncIn, ident: Ident, st: St) -> FastJSON:
+    """A worker's whole round trip in one call and one transaction: ``reports`` (as ``/reports``), the alive
+    part (``tasks``, ``results``, ``active`` as ``/alive``) and up to ``max`` new works, waiting up to ``wait``
+    seconds for some (as ``/request``). The reply carries all three answers. This is the hot path: a worker
+    finishing short jobs costs the server one request per round, not three."""
+    return FastJSON(await sync_reply(st, ident, uid, body))
+
+
+async def sync_reply(st: ServerState, ident: Identity, uid: str, body: SyncIn) -> dict[str, Any]:
+    """The sync call itself (also served by :mod:`~xwhep.server.api.fastpath`)."""
+    uid = c.ref(uid, "uid")
+    host, version = await hostcache.lookup(st, ident, uid)
+    lookup = _alive_mark(st, uid, body.tasks, body.results)
+    _set_active(st, uid, body.active)
+    want = body.max if body.active else 0
+    picked = st.scheduler.pick(host, want, version) if want else []
+    reports = [dump(r) for r in body.reports]
+    try:
+        outcomes, states, works, eff = await st.db.run_grouped(dispatch.sync, ident, host, reports, st.store.exists,
+                                                       lookup, picked)
+    except BaseException:
+        if picked:
+            st.resync_needed = True  # the picked works are still PENDING in the database
+        raise
+    eff.apply(st)
+    out = _alive_reply(st, uid, body.tasks, body.results, body.active, states)
+    out["reports"] = outcomes
+    if not works and want and body.wait > 0:
+        works = await _long_poll(st, host, version, want, time.monotonic() + min(body.wait, st.config.max_long_poll))
+    out["works"] = works
+    return out
 
 
 @router.post("/hosts/{uid}/reports")
@@ -140,7 +200,7 @@ async def reports(uid: str, body: ReportsIn, ident: Ident, st: St) -> FastJSON:
     uid = c.ref(uid, "uid")
     await hostcache.lookup(st, ident, uid)
     st.liveness.hosts[uid] = time.time()
-    outcomes, eff = await st.db.run(dispatch.report, ident, uid, [dump(r) for r in body.reports],
+    outcomes, eff = await st.db.run_grouped(dispatch.report, ident, uid, [dump(r) for r in body.reports],
                                     st.store.exists)
     eff.apply(st)
     return FastJSON({"reports": outcomes})

@@ -17,6 +17,7 @@ from xwhep.core.model import AppType, DataStatus, TaskStatus, WorkStatus, normal
 from xwhep.core.states import after_loss, is_final, transition
 from xwhep.core.uri import new_uid
 from xwhep.server.auth import Identity
+from xwhep.server.db import raw
 from xwhep.server.db import schema as s
 from xwhep.server.errors import ApiError, bad_request, forbidden
 from xwhep.server.services import common as c
@@ -97,12 +98,24 @@ def own_host(conn: Connection, ident: Identity, host_uid: str) -> dict[str, Any]
 
 # -- claiming --------------------------------------------------------------------------------------------------
 
+_WORK_COLS = ("uid, owner, app, args, env, stdin, dirin, wallclock, min_memory, listen_ports, forward_addresses, "
+              "label, replicas, replica_of, task")
+_CLAIM = raw.Sql("UPDATE works SET status = 'RUNNING', host = :h, task = :k, started = :t, modified = :t "
+                 "WHERE uid = :u AND status = 'PENDING'")
+_CLAIMED = raw.Sql(f"SELECT {_WORK_COLS} FROM works WHERE uid IN_LIST(:uids)")
+_APPS = raw.Sql("SELECT uid, name, type, binaries, env, base_dirin, image, default_stdin, default_dirin "
+                "FROM apps WHERE uid IN_LIST(:uids)")
+_DATAINFO = raw.Sql("SELECT uid, name, sha256, size, type FROM datas WHERE uid IN_LIST(:uids)")
+_TRIED = raw.Sql("SELECT work, count(*) FROM tasks WHERE work IN_LIST(:uids) GROUP BY work")
+_NEW_TASK = raw.Sql("INSERT INTO tasks (uid, owner, access_rights, created, modified, work, host, trial, status, "
+                    "started, last_alive) "
+                    "VALUES (:uid, :owner, :rights, :t, :t, :work, :host, :trial, 'RUNNING', :t, :t)")
+
+
 def _datainfo(conn: Connection, uids: set[str]) -> dict[str, dict[str, Any]]:
     if not uids:
         return {}
-    rows = conn.execute(sa.select(s.datas.c.uid, s.datas.c.name, s.datas.c.sha256, s.datas.c.size,
-                                  s.datas.c.type).where(s.datas.c.uid.in_(uids))).mappings().all()
-    return {r["uid"]: dict(r) for r in rows}
+    return {r["uid"]: r for r in raw.rows(conn, _DATAINFO, {"uids": uids})}
 
 
 def claim(conn: Connection, host: HostProfile, picked: list[str]) -> tuple[list[dict[str, Any]], Effects]:
@@ -114,35 +127,32 @@ def claim(conn: Connection, host: HostProfile, picked: list[str]) -> tuple[list[
     mine = {uid: new_uid() for uid in picked}
     # one compare-and-set per work in one executemany; then read back which ones carry our task uid (another
     # server process may have won some of them)
-    conn.execute(_CLAIM, [{"u": uid, "k": task, "h": host.uid, "t": t} for uid, task in mine.items()])
-    task_of = {uid: task for uid, task in conn.execute(
-        sa.select(s.works.c.uid, s.works.c.task).where(s.works.c.uid.in_(mine))).all() if mine[uid] == task}
-    if not task_of:
+    raw.executemany(conn, _CLAIM, [{"u": uid, "k": task, "h": host.uid, "t": t} for uid, task in mine.items()])
+    works = [w for w in raw.rows(conn, _CLAIMED, {"uids": mine}) if w["task"] == mine[w["uid"]]]
+    if not works:
         return [], eff
-    works = conn.execute(sa.select(s.works).where(s.works.c.uid.in_(task_of))).mappings().all()
-    app_uids = {w["app"] for w in works}
-    apps = {a["uid"]: dict(a) for a in conn.execute(sa.select(s.apps).where(s.apps.c.uid.in_(app_uids))).mappings()}
+    apps = {a["uid"]: a for a in raw.rows(conn, _APPS, {"uids": {w["app"] for w in works}})}
     wanted: set[str] = set()
     plat = f"{host.os}/{host.cpu}"
     for a in apps.values():
-        b = a["binaries"] or {}
+        a["binaries"] = b = raw.json_value(a["binaries"]) or {}
+        a["env"] = raw.json_value(a["env"])
         for key in (plat, "java"):
             if key in b:
                 wanted.add(b[key])
                 break
         wanted.update(x for x in (a["default_stdin"], a["default_dirin"], a["base_dirin"], a["image"]) if x)
     for w in works:
+        w["env"] = raw.json_value(w["env"])
         wanted.update(x for x in (w["stdin"], w["dirin"]) if x)
     info = _datainfo(conn, wanted)
-    tried = dict(conn.execute(sa.select(s.tasks.c.work, sa.func.count()).where(
-        s.tasks.c.work.in_(task_of)).group_by(s.tasks.c.work)).all())
+    tried = dict(raw.tuples(conn, _TRIED, {"uids": [w["uid"] for w in works]}))
     task_rows, ev, out = [], [], []
     for w in works:
-        task = task_of[w["uid"]]
+        task = w["task"]
         trial = tried.get(w["uid"], 0) + 1  # attempts so far, aborts included: unique per work
-        task_rows.append({"uid": task, "owner": host.owner, "access_rights": 0x700, "created": t, "modified": t,
-                          "work": w["uid"], "host": host.uid, "trial": trial, "status": "RUNNING",
-                          "started": t, "last_alive": t})
+        task_rows.append({"uid": task, "owner": host.owner, "rights": 0x700, "t": t, "work": w["uid"],
+                          "host": host.uid, "trial": trial})
         ev.append({"actor": host.owner, "action": "work.transition", "object": w["uid"], "source": "PENDING",
                    "target": "RUNNING", "detail": f"host {host.uid} task {task}"})
         eff.running[w["owner"]] += 1
@@ -151,8 +161,8 @@ def claim(conn: Connection, host: HostProfile, picked: list[str]) -> tuple[list[
         if rset:
             eff.replica_hosts.append((rset, host.uid))
         out.append(assignment(w, apps[w["app"]], task, plat, info, trial))
-    conn.execute(s.tasks.insert(), task_rows)
-    c.events(conn, ev)
+    raw.executemany(conn, _NEW_TASK, task_rows)
+    raw.events(conn, t, ev)
     return out, eff
 
 
@@ -188,32 +198,29 @@ def _task_and_work(conn: Connection, task_uid: str) -> tuple[dict[str, Any] | No
     return dict(task), (dict(work) if work else None)
 
 
-_CLAIM = (s.works.update().where(s.works.c.uid == sa.bindparam("u"), s.works.c.status == W.PENDING)
-          .values(status=W.RUNNING, host=sa.bindparam("h"), task=sa.bindparam("k"), started=sa.bindparam("t"),
-                  modified=sa.bindparam("t")))
-_DONE_TASK = (s.tasks.update().where(s.tasks.c.uid == sa.bindparam("k"))
-              .values(status=TaskStatus.COMPLETED, ended=sa.bindparam("t"), modified=sa.bindparam("t"),
-                      return_code=sa.bindparam("rc")))
-_DONE_WORK = (s.works.update().where(s.works.c.uid == sa.bindparam("w"))
-              .values(status=W.COMPLETED, modified=sa.bindparam("t"), completed=sa.bindparam("t"),
-                      return_code=sa.bindparam("rc")))
+# the batched common case of a report: COMPLETED, no result, current attempt (PostgreSQL: rows locked until commit)
+_REPORTED = raw.Sql("SELECT t.uid, t.status, t.host, w.uid AS w, w.status AS ws, w.task AS current, w.owner, "
+                    "w.replicas, w.replica_of FROM tasks t JOIN works w ON w.uid = t.work "
+                    "WHERE t.uid IN_LIST(:uids) FOR_UPDATE")
+_DONE_TASK = raw.Sql("UPDATE tasks SET status = 'COMPLETED', ended = :t, modified = :t, return_code = :rc "
+                     "WHERE uid = :k")
+_DONE_WORK = raw.Sql("UPDATE works SET status = 'COMPLETED', modified = :t, completed = :t, return_code = :rc "
+                     "WHERE uid = :w")
 
 
 def report(conn: Connection, ident: Identity, host_uid: str, reports: list[Mapping[str, Any]],
-           blob_exists: Any) -> tuple[list[dict[str, Any]], Effects]:
+           blob_exists: Any, host_checked: bool = False) -> tuple[list[dict[str, Any]], Effects]:
     """Workers report finished tasks; each gets an outcome: done, upload (send the result), or stale.
 
     The common case (COMPLETED without a result, current attempt, no replicas) is done for the whole batch in a
-    few statements; everything else goes one by one through the state graph.
+    few statements; everything else goes one by one through the state graph. ``host_checked``: the caller
+    already made sure ``ident`` owns the host.
     """
-    own_host(conn, ident, host_uid)
+    if not host_checked:
+        own_host(conn, ident, host_uid)
     eff = Effects()
     uids = [c.ref(str(rep.get("task") or ""), "task") for rep in reports]
-    cols = (s.tasks.c.uid, s.tasks.c.status, s.tasks.c.host, s.works.c.uid.label("w"), s.works.c.status.label("ws"),
-            s.works.c.task.label("current"), s.works.c.owner, s.works.c.replicas, s.works.c.replica_of)
-    q = (sa.select(*cols).select_from(s.tasks.join(s.works, s.works.c.uid == s.tasks.c.work))
-         .where(s.tasks.c.uid.in_(uids)).with_for_update())  # PostgreSQL: hold both rows until commit
-    rows = {r["uid"]: r for r in conn.execute(q).mappings()}
+    rows = {r["uid"]: r for r in raw.rows(conn, _REPORTED, {"uids": uids})}
     fast: dict[str, dict[str, Any]] = {}
     transition(W.RUNNING, W.COMPLETED)  # the batch below takes this edge of the graph
     for uid, rep in zip(uids, reports, strict=True):
@@ -225,11 +232,11 @@ def report(conn: Connection, ident: Identity, host_uid: str, reports: list[Mappi
             fast[uid] = {"k": uid, "w": r["w"], "rc": rep.get("return_code"), "owner": r["owner"]}
     if fast:
         t = c.now()
-        batch = [{**f, "t": t} for f in fast.values()]
-        conn.execute(_DONE_TASK, batch)
-        conn.execute(_DONE_WORK, batch)
-        c.events(conn, ({"actor": ident.uid, "action": "work.transition", "object": f["w"], "source": "RUNNING",
-                         "target": "COMPLETED"} for f in fast.values()))
+        batch = [{"k": f["k"], "w": f["w"], "rc": f["rc"], "t": t} for f in fast.values()]
+        raw.executemany(conn, _DONE_TASK, batch)
+        raw.executemany(conn, _DONE_WORK, batch)
+        raw.events(conn, t, ({"actor": ident.uid, "action": "work.transition", "object": f["w"],
+                              "source": "RUNNING", "target": "COMPLETED"} for f in fast.values()))
         for f in fast.values():
             eff.running[f["owner"]] -= 1
             eff.tasks_ended.append(f["k"])
@@ -419,6 +426,17 @@ def flush_alive(conn: Connection, hosts: dict[str, float], tasks: dict[str, floa
     if tasks:
         stmt = s.tasks.update().where(s.tasks.c.uid == sa.bindparam("k"), s.tasks.c.last_alive < sa.bindparam("t"))
         conn.execute(stmt.values(last_alive=sa.bindparam("t")), [{"k": k, "t": t} for k, t in tasks.items()])
+
+
+def sync(conn: Connection, ident: Identity, host: HostProfile, reports: list[Mapping[str, Any]], blob_exists: Any,
+         lookup: list[str], picked: list[str]
+         ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], list[dict[str, Any]], Effects]:
+    """A worker's round trip in one transaction: its reports, the states of tasks its alive part asks about,
+    and the claim of the works the scheduler picked for it. The host's ownership was checked by the caller."""
+    outcomes, eff = report(conn, ident, host.uid, reports, blob_exists, True) if reports else ([], Effects())
+    states = task_states(conn, host.uid, lookup)
+    works, claimed = claim(conn, host, picked)
+    return outcomes, states, works, eff.merge(claimed)
 
 
 def task_states(conn: Connection, host_uid: str, task_uids: list[str]) -> dict[str, dict[str, Any]]:

@@ -23,6 +23,17 @@ class Effects:
     replica_hosts: list[tuple[str, str]] = field(default_factory=list)  # (replica set, host)
     blobs: list[str] = field(default_factory=list)  # sha256 of blobs to free
 
+    def merge(self, other: Effects) -> Effects:
+        """Add ``other``'s effects to these (one transaction doing several things)."""
+        self.pending += other.pending
+        self.discard += other.discard
+        self.running.update(other.running)
+        self.tasks_started.update(other.tasks_started)
+        self.tasks_ended += other.tasks_ended
+        self.replica_hosts += other.replica_hosts
+        self.blobs += other.blobs
+        return self
+
     def apply(self, st: ServerState) -> None:
         sched = st.scheduler
         for uid in self.discard:
