@@ -6,7 +6,8 @@ the job. The ``ssh -L`` path: a client socket → ``ssh -N -L`` → a throwaway 
 cipher, key login) → the same service program running on the host's loopback.
 
 * ``relay_ratio_vs_ssh``: bulk throughput of the relay / that of ``ssh -L``, the smaller of upload (client →
-  service) and download (service → client); best of ``repeat`` transfers of ``size`` MiB each way, each tunnel;
+  service) and download (service → client); best of ``repeat`` transfers of ``size`` MiB each way, each tunnel,
+  the two tunnels taking turns transfer by transfer (both are up during the whole measurement);
 * ``relay_connect_p50_ms``: the *added* connect latency, p50 of (connect + a 1-byte echo) through the relay
   minus p50 of the same straight to the service on loopback. The same through ``ssh -L`` is in the details.
 """
@@ -332,15 +333,31 @@ def _cpu_per_mib(before: dict[str, float], after: dict[str, float], mib: float) 
     return {k: rnd((after[k] - before[k]) * 1000.0 / mib, 2) for k in after if k in before}
 
 
-def _throughput(port: int, size: int, repeat: int, procs: dict[str, int] | None = None) -> dict[str, Any]:
-    """Best rates up and down; with ``procs``, also their CPU per MiB moved (``cpu_ms_per_mib``)."""
+def _throughput(tunnels: dict[str, tuple[int, dict[str, int]]], size: int, repeat: int) -> dict[str, dict[str, Any]]:
+    """Best rates up and down through each tunnel (name → (port, processes)), and the CPU per MiB moved of its
+    processes (``cpu_ms_per_mib``). The tunnels take turns, transfer by transfer, the first one changing every
+    round: on a shared machine, a load that comes and goes weighs on both alike instead of on whichever ran
+    during it."""
     mib = size / MiB
-    before = _cpu_seconds(procs or {})
-    up = min(upload(port, size) for _ in range(repeat))
-    down = min(download(port, size) for _ in range(repeat))
-    out: dict[str, Any] = {"upload_mib_per_s": mib / up, "download_mib_per_s": mib / down}
-    if procs:
-        out["cpu_ms_per_mib"] = _cpu_per_mib(before, _cpu_seconds(procs), 2 * repeat * mib)
+    times: dict[str, dict[str, list[float]]] = {n: {"upload": [], "download": []} for n in tunnels}
+    cpu: dict[str, dict[str, float]] = {n: {} for n in tunnels}
+    names = list(tunnels)
+    for r in range(repeat):
+        order = names if r % 2 == 0 else names[::-1]
+        for direction, transfer in (("upload", upload), ("download", download)):
+            for name in order:
+                port, procs = tunnels[name]
+                before = _cpu_seconds(procs)
+                times[name][direction].append(transfer(port, size))
+                for k, v in _cpu_per_mib(before, _cpu_seconds(procs), 1.0).items():
+                    cpu[name][k] = cpu[name].get(k, 0.0) + v  # CPU ms per transfer, summed
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        t = times[name]
+        out[name] = {"upload_mib_per_s": mib / min(t["upload"]), "download_mib_per_s": mib / min(t["download"]),
+                     "upload_all_mib_per_s": [rnd(mib / x) for x in t["upload"]],
+                     "download_all_mib_per_s": [rnd(mib / x) for x in t["download"]],
+                     "cpu_ms_per_mib": {k: rnd(v / (2 * repeat * mib), 2) for k, v in cpu[name].items()}}
     return out
 
 
@@ -356,7 +373,7 @@ def _latency(port: int, n: int) -> list[float]:
 
 def measure(settings: Settings, tmp: Path) -> dict[str, Any]:
     size = (16 if settings.smoke else min(512, settings.transfer_mib)) * MiB
-    repeat = 1 if settings.smoke else 3
+    repeat = 1 if settings.smoke else 5
     samples = 20 if settings.smoke else 200
     service = tmp / "service.py"
     service.write_text(SERVICE)
@@ -368,16 +385,16 @@ def measure(settings: Settings, tmp: Path) -> dict[str, Any]:
         _until(lambda: _answers(direct_port), 30, "the service on loopback")
         direct = _latency(direct_port, samples)
         ssh_procs: dict[str, int] = {}
-        with ssh_tunnel(tmp, direct_port, ssh_procs) as ssh_port:
-            ssh = _throughput(ssh_port, size, repeat, ssh_procs)
-            ssh_lat = _latency(ssh_port, samples)
         relay_procs: dict[str, int] = {}
-        with relay_tunnel(tmp, service, relay_procs) as relay_port:
-            relay = _throughput(relay_port, size, repeat, relay_procs)
+        with ssh_tunnel(tmp, direct_port, ssh_procs) as ssh_port, \
+                relay_tunnel(tmp, service, relay_procs) as relay_port:
+            rates = _throughput({"ssh": (ssh_port, ssh_procs), "relay": (relay_port, relay_procs)}, size, repeat)
+            ssh, relay = rates["ssh"], rates["relay"]
+            ssh_lat = _latency(ssh_port, samples)
             relay_lat = _latency(relay_port, samples)
-    for name, rates in (("ssh", ssh), ("relay", relay)):
-        for k, v in rates.items():
-            out[f"{name}_{k}"] = v if isinstance(v, dict) else rnd(v)
+    for name, rates_ in (("ssh", ssh), ("relay", relay)):
+        for k, v in rates_.items():
+            out[f"{name}_{k}"] = v if isinstance(v, dict | list) else rnd(v)
     for name, latencies in (("direct", direct), ("ssh", ssh_lat), ("relay", relay_lat)):
         out[f"{name}_connect_p50_ms"] = rnd(percentile(latencies, 50), 2)
         out[f"{name}_connect_p99_ms"] = rnd(percentile(latencies, 99), 2)

@@ -8,6 +8,10 @@ both sides said eof; 4xxx with a reason on failure).
 Both ends dial ahead to keep TLS handshakes off a new connection's path: an initiator keeps one WebSocket ready
 per destination (:class:`Ahead`) and sends ``open`` when a connection arrives; a target keeps spare WebSockets
 (:class:`Spares`) that the server hands new streams to.
+
+Those connections dialed ahead are *raw* ones (:class:`RawStream`, :mod:`xwhep.core.relaywire`) when the server
+has a reachable raw relay port: same messages, no WebSocket framing, and :func:`splice` joins them with the local
+socket transport to transport. Otherwise (no raw port, or not reachable from here) they are WebSockets.
 """
 
 from __future__ import annotations

@@ -23,6 +23,14 @@ hands a stream to with ``{"op": "open", …}`` (followed at once by the stream's
 it closes the spare with 4000 + status and the reason).
 Without a spare the hub falls back to the control channel and a fresh ``/relay/SID`` WebSocket. Idle spares
 and idle initiators are closed after :data:`SPARE_TTL` (their peers dial new ones).
+
+The fast data path: initiators and spares may be *raw connections* (:class:`RawSide`, format in
+:mod:`xwhep.core.relaywire`) on a port of the hub's own (:meth:`Hub.serve_raw`), opened with a one-time stream
+ticket (:meth:`Hub.issue_tickets`, asked for with the bearer token) and served by the same endpoint code as the
+WebSockets. Two raw connections are spliced transport to transport (:meth:`Hub._pipe`), with no Python object
+per message. A listener of its own rather than uvicorn's connection taken over after a handshake: it depends on
+no private part of uvicorn, and a server reachable on one port only still works (clients fall back to the
+WebSockets).
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@
 * ``/relay/{sid}`` — the target of a stream joins it;
 * ``/hosts/{uid}/spare``, ``/proxies/spare?address=A`` — a target's spare WebSockets (see the relay module).
 
+The stream endpoints (client and forward streams, spares) are also served on the raw relay port: a raw
+connection names one of these paths and a stream ticket (``POST /relay/tickets``), and gets the same checks.
+
 Authentication is the bearer token of the handshake, exactly as for HTTP requests; a failed one is refused
 before the WebSocket is accepted, as an HTTP error with the usual ``{"error": …}`` body. An initiator (the
 first two stream endpoints) is then accepted and may wait (dialed ahead) before it sends ``open``; its first
