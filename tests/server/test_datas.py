@@ -193,3 +193,16 @@ def test_bulk_bag_of_ten_thousand(srv: ServerProc, tmp_path: Path) -> None:
     out = admin.submit_bag([{"app": "bulk", "args": str(i), "label": "bag10k"} for i in range(10_000)])
     assert len(out) == 10_000 and len({w["uid"] for w in out}) == 10_000
     assert len(admin.works(label="bag10k")) == 10_000
+
+
+def test_listing_pages_through_everything(srv: ServerProc, tmp_path: Path) -> None:
+    admin = srv.client()
+    made = set()
+    for i in range(7):
+        f = tmp_path / f"p{i}.txt"
+        f.write_text(f"page {i}\n")
+        made.add(admin.put_data(f)["uid"])
+    everything = {d["uid"] for d in admin.datas()}
+    paged = admin.datas(page=3)  # 3 + 3 + 3 + … until a short page
+    assert made <= {d["uid"] for d in paged}
+    assert [d["uid"] for d in paged] == sorted(everything) and len(paged) == len(everything)

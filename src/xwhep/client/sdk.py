@@ -249,8 +249,16 @@ class Client:
     def data(self, ref: str) -> dict[str, Any]:
         return self._json("GET", f"/datas/{uid_of(ref)}")  # type: ignore[no-any-return]
 
-    def datas(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/datas")  # type: ignore[no-any-return]
+    def datas(self, page: int = 10_000) -> list[dict[str, Any]]:
+        """Every data the caller may read (fetched ``page`` at a time, in uid order)."""
+        out: list[dict[str, Any]] = []
+        after = ""
+        while True:
+            items: list[dict[str, Any]] = self._json("GET", "/datas", params={"limit": page, "after": after})
+            out.extend(items)
+            if len(items) < page:
+                return out
+            after = items[-1]["uid"]
 
     def delete_data(self, ref: str) -> None:
         self._send("DELETE", f"/datas/{uid_of(ref)}")

@@ -80,8 +80,8 @@ works = sa.Table(
     sa.Column("stdin", UID, nullable=True),
     sa.Column("dirin", UID, nullable=True),
     sa.Column("label", sa.String(255), nullable=True),
-    sa.Column("grp", UID, nullable=True, index=True),
-    sa.Column("session", UID, nullable=True, index=True),
+    sa.Column("grp", UID, nullable=True),
+    sa.Column("session", UID, nullable=True),
     sa.Column("expected_host", sa.String(255), nullable=True),
     sa.Column("min_memory", sa.Integer, nullable=False, default=0),
     sa.Column("min_cpuspeed", sa.Integer, nullable=False, default=0),
@@ -90,7 +90,7 @@ works = sa.Table(
     sa.Column("max_retries", sa.Integer, nullable=False),
     sa.Column("retries", sa.Integer, nullable=False, default=0),
     sa.Column("replicas", sa.Integer, nullable=False, default=1),
-    sa.Column("replica_of", UID, nullable=True, index=True),
+    sa.Column("replica_of", UID, nullable=True),
     sa.Column("requirements", sa.Text, nullable=True),
     sa.Column("rank", sa.Text, nullable=True),
     sa.Column("listen_ports", sa.String(255), nullable=True),
@@ -104,6 +104,10 @@ works = sa.Table(
     sa.Column("started", sa.Float, nullable=True),
     sa.Column("completed", sa.Float, nullable=True),
     sa.Index("ix_works_status_id", "status", "id"),
+    # partial: most works have no group, session or master, and a bag of 10,000 would otherwise add 30,000 NULL
+    # entries to these indexes (40 % of a bulk insert, measured); "col = ?" still uses them
+    *(sa.Index(f"ix_works_{col}", col, sqlite_where=sa.text(f"{col} IS NOT NULL"),
+               postgresql_where=sa.text(f"{col} IS NOT NULL")) for col in ("grp", "session", "replica_of")),
 )
 
 tasks = sa.Table(

@@ -114,8 +114,12 @@ def visible(table: sa.Table, ident: Identity) -> sa.ColumnElement[bool] | None:
 
 def event(conn: Connection, actor: str | None, action: str, obj: str | None, source: str | None = None,
           target: str | None = None, detail: str | None = None) -> None:
-    conn.execute(s.events.insert().values(time=now(), actor=actor, action=action, object=obj, source=source,
-                                          target=target, detail=detail))
+    # parameters, not .values(...): literal values make SQLAlchemy build a new cache key per call
+    conn.execute(_EVENT, {"time": now(), "actor": actor, "action": action, "object": obj, "source": source,
+                          "target": target, "detail": detail})
+
+
+_EVENT = s.events.insert()
 
 
 def events(conn: Connection, rows: Iterable[dict[str, Any]]) -> None:

@@ -71,11 +71,11 @@ def register(conn: Connection, ident: Identity, desc: Mapping[str, Any]) -> dict
         if row is not None:
             if row[0] != ident.uid and not ident.is_admin:
                 raise forbidden(f"host {uid} belongs to another identity")
-            conn.execute(s.hosts.update().where(s.hosts.c.uid == uid).values(**values))
+            conn.execute(s.hosts.update().where(s.hosts.c.uid == sa.bindparam("h")), {"h": uid, **values})
             c.event(conn, ident.uid, "host.register", uid, detail="re-registered")
             return c.load(conn, "host", uid)
     uid = uid or new_uid()
-    conn.execute(s.hosts.insert().values(uid=uid, owner=ident.uid, access_rights=0x700, created=t, **values))
+    conn.execute(s.hosts.insert(), {"uid": uid, "owner": ident.uid, "access_rights": 0x700, "created": t, **values})
     c.event(conn, ident.uid, "host.register", uid)
     return c.load(conn, "host", uid)
 
