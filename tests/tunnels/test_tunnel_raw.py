@@ -23,7 +23,7 @@ from xwhep.client.streams import Dialer, RawStream, request
 from xwhep.core import relaywire as wire
 from xwhep.core.model import UsageLevel
 from xwhep.server.auth import Identity
-from xwhep.server.relay import TICKET_TTL, Hub
+from xwhep.server.relay import MAX_USER_TICKETS, TICKET_TTL, Hub, Refused
 
 pytestmark = [needs_bwrap, pytest.mark.timeout(180)]
 
@@ -121,6 +121,20 @@ def test_an_expired_ticket_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         assert hub.redeem(ticket) == "this stream ticket was already used"
 
     asyncio.run(go())
+
+
+def test_one_user_cannot_take_every_ticket() -> None:
+    hub = Hub(b"secret")
+    alice = Identity("a", "alice", UsageLevel.STANDARD_USER, None)
+    bob = Identity("b", "bob", UsageLevel.STANDARD_USER, None)
+    issued = [t for _ in range(MAX_USER_TICKETS // 16) for t in hub.issue_tickets(alice, 16)]
+    with pytest.raises(Refused) as exc:
+        hub.issue_tickets(alice, 16)
+    assert exc.value.status == 429
+    assert len(hub.issue_tickets(bob, 16)) == 16  # others are not affected
+    for t in issued[:16]:
+        assert hub.redeem(t) is alice
+    assert len(hub.issue_tickets(alice, 16)) == 16  # used tickets make room again
 
 
 def test_an_unreachable_raw_port_falls_back_to_websockets(grid: Grid, tcpserv: tuple[str, int],

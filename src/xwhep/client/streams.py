@@ -51,6 +51,7 @@ REFILL_DELAY = 0.01
 RAW_WRITE_HIGH = 1 << 20  # bytes queued towards one side before the other side stops being read
 RAW_INBOX = 4 << 20  # bytes of a raw stream received before its splice began, before reading stops
 RAW_RETRY = 60.0  # seconds the raw port is not tried again after it could not be reached
+TICKET_BATCH = 4  # stream tickets fetched at once (each process dialing ahead holds a few unused)
 RAW_READ = 256 * 1024  # bytes read at once from a raw connection or a spliced local socket
 RAW_CONNECT_TIMEOUT = 5.0  # seconds to reach the raw port (a firewall may drop what it does not allow)
 
@@ -110,7 +111,7 @@ class Dialer:
                 return self.tickets.pop()[1]
 
             def fetch() -> dict[str, Any]:
-                r = self.client.http.post(self.client.base + "/relay/tickets", params={"n": 8},
+                r = self.client.http.post(self.client.base + "/relay/tickets", params={"n": TICKET_BATCH},
                                           headers=self.client._auth_header())
                 if r.status_code == 404:  # an older server: WebSockets only
                     return {"port": None, "tickets": []}

@@ -67,6 +67,7 @@ CLOSE_WORK_ENDED = 4410
 CLOSE_REPLACED = 4409
 TICKET_TTL = 60.0  # seconds a stream ticket may wait before its raw connection presents it
 MAX_TICKETS = 100_000  # outstanding stream tickets (server-wide)
+MAX_USER_TICKETS = 10_000  # outstanding stream tickets of one user (beyond: WebSockets); hosts may share one
 RAW_HEADER_TIMEOUT = 10.0  # seconds a raw connection has to present its ticket
 RAW_INBOX = 4 << 20  # bytes a raw connection may have waiting before the server stops reading it
 RAW_WRITE_HIGH = 1 << 20  # bytes queued towards a raw connection before its source stops being read
@@ -165,6 +166,7 @@ class Hub:
         self.tickets: dict[str, tuple[float, Identity]] = {}  # stream ticket → (expiry, identity)
         self.used_tickets: dict[str, float] = {}  # redeemed tickets (→ expiry), to say "already used"
         self._purged = 0.0
+        self._ticket_counts: dict[str, int] = {}  # outstanding tickets per user uid
         self.raw_port: int | None = None  # the raw relay port, once listening
         self._raw_server: asyncio.AbstractServer | None = None
 
@@ -421,14 +423,30 @@ class Hub:
         now = time.monotonic()
         if now - self._purged > 1.0:
             self._purged = now
-            self.tickets = {t: v for t, v in self.tickets.items() if v[0] > now - TICKET_TTL}
+            kept = {}
+            for t, v in self.tickets.items():
+                if v[0] > now - TICKET_TTL:
+                    kept[t] = v
+                else:
+                    self._count_tickets(v[1].uid, -1)
+            self.tickets = kept
             self.used_tickets = {t: exp for t, exp in self.used_tickets.items() if exp > now - TICKET_TTL}
         if len(self.tickets) + n > MAX_TICKETS:
             raise Refused(503, "too many stream tickets outstanding: use the WebSocket endpoints")
+        if self._ticket_counts.get(ident.uid, 0) + n > MAX_USER_TICKETS:  # one user cannot use them all up
+            raise Refused(429, f"too many stream tickets outstanding for {ident.login}: use them first")
         out = [secrets.token_urlsafe(24) for _ in range(n)]
         for t in out:
             self.tickets[t] = (now + TICKET_TTL, ident)
+        self._count_tickets(ident.uid, n)
         return out
+
+    def _count_tickets(self, uid: str, delta: int) -> None:
+        left = self._ticket_counts.get(uid, 0) + delta
+        if left > 0:
+            self._ticket_counts[uid] = left
+        else:
+            self._ticket_counts.pop(uid, None)
 
     def redeem(self, ticket: str) -> Identity | str:
         """The identity of a ticket, once; else why it is refused."""
@@ -439,6 +457,7 @@ class Hub:
                 return "this stream ticket was already used"
             return "unknown stream ticket"
         self.used_tickets[ticket] = hit[0]
+        self._count_tickets(hit[1].uid, -1)
         if hit[0] < now:
             return "this stream ticket expired"
         return hit[1]
