@@ -37,6 +37,7 @@ import jwt
 
 from xwhep.client.config import ConfigError, load
 from xwhep.client.sdk import XwError
+from xwhep.fsutil import write_atomic
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 DEFAULT_SCOPE = "openid email profile"
@@ -221,12 +222,7 @@ def store_token(config_path: str | os.PathLike[str], token: str) -> Path:
     except tomllib.TOMLDecodeError as exc:
         raise OidcLoginError(f"{path}: not valid TOML, token not stored: {exc}") from None
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.chmod(tmp, 0o600)  # O_CREAT's mode does not apply to a leftover tmp file
-    os.replace(tmp, path)
+    write_atomic(path, new, 0o600)
     return path
 
 

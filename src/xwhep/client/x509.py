@@ -12,12 +12,10 @@ its unencrypted key, then the certificate(s) that issued it: the layout every gr
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import os
 import re
 import secrets
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -30,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from xwhep.core.proxycert import PPL_INHERIT_ALL, PROXY_CERT_INFO, ProxyCertInfo, login_message, proxy_cert_info
+from xwhep.fsutil import write_atomic
 
 if TYPE_CHECKING:
     from xwhep.client.sdk import Client
@@ -236,21 +235,8 @@ def proxy_pem(proxy: x509.Certificate, key: PrivateKey, chain: list[x509.Certifi
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` readable by its owner only, atomically: a random temporary name in the same directory then
-    a rename, so a shared /tmp cannot trick us into writing through someone's symlink or a pre-made file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` readable by its owner only, atomically (see :func:`xwhep.fsutil.write_atomic`)."""
+    write_atomic(path, data, 0o600)
 
 
 def _time_left(cert: x509.Certificate) -> str:

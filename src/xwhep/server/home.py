@@ -14,6 +14,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from xwhep.core.uri import new_uid
+from xwhep.fsutil import write_atomic
 from xwhep.server.auth import hash_password
 from xwhep.server.config import ServerConfig
 from xwhep.server.db import schema as s
@@ -57,11 +58,7 @@ def write_client_conf(path: Path, server: str, ca: Path | None, login: str, pass
     if ca is not None:
         lines.append(f"ca = {_toml_str(str(ca))}")
     lines += [f"login = {_toml_str(login)}", f"password = {_toml_str(password)}"]
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "\n".join(lines) + "\n", 0o600)
 
 
 def _ensure_user(conn: sa.Connection, login: str, level: str) -> str | None:

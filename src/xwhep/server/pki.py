@@ -14,7 +14,6 @@ import datetime as dt
 import fcntl
 import ipaddress
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from xwhep.fsutil import write_atomic
 
 CA_DAYS = 3650
 SERVER_DAYS = 730
@@ -70,24 +71,6 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a key or certificate behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        # mkstemp creates 0600; set the final mode before any byte of a key is written
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
@@ -98,11 +81,11 @@ def _key_pem(key: SigningKey) -> bytes:
 
 
 def _write_key(path: Path, key: SigningKey) -> None:
-    _write_atomic(path, _key_pem(key), 0o600)
+    write_atomic(path, _key_pem(key), 0o600)
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    _write_atomic(path, cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def load_cert(path: Path | str) -> x509.Certificate:
@@ -314,7 +297,7 @@ def revoke(ca_cert: Path | str, ca_key: Path | str, crl_path: Path | str, serial
             raise PkiError(f"{path} is not signed by {ca_cert}")
         known = {r.serial_number for r in old}
     pem = build_crl(ca_cert, ca_key, known | new)
-    _write_atomic(path, pem)
+    write_atomic(path, pem, 0o644)
     return pem
 
 
