@@ -72,3 +72,17 @@ def test_replicas_never_share_a_host_and_discard_is_honoured() -> None:
     s.replica_hosts["set1"].add("h1")
     assert s.pick(HOST, 10) == []
     assert s.pick(HostProfile(uid="other"), 10) == ["r1"]
+
+
+def test_put_back_restores_picked_works_in_order() -> None:
+    s = Scheduler()
+    for i in range(4):
+        s.add(f"w{i}", i, profile("alice"), None, "set" if i == 3 else None)
+    hold: dict = {}
+    assert s.pick(HOST, 2, hold=hold) == ["w0", "w1"]
+    assert set(hold) == {"w0", "w1"} and len(s) == 2
+    assert s.pick(HOST, 2) == ["w2", "w3"]  # the class is now empty
+    assert s.pick(HOST, 1) == []
+    s.put_back(hold)  # the claim of w0, w1 did not commit
+    assert len(s) == 2
+    assert s.pick(HOST, 5) == ["w0", "w1"]

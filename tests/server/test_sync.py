@@ -180,3 +180,22 @@ def test_sync_is_in_the_openapi_schema(make_server: Callable[..., ServerProc]) -
     c = srv.client("admin")
     spec = c.http.get(c.server + "/openapi.json").json()
     assert "post" in spec["paths"]["/api/v1/hosts/{uid}/sync"]
+
+
+def test_a_refused_call_loses_no_work(make_server: Callable[..., ServerProc], tmp_path: Path) -> None:
+    """Works picked for a call that is then refused (a malformed report in the same call) go straight back to
+    the scheduler: the next call gets them, without waiting for a rebuild of the index."""
+    srv = make_server()
+    admin = srv.client("admin")
+    _noop(admin, tmp_path)
+    first, second = admin.submit_bag([{"app": "noop"}, {"app": "noop"}])
+    w = SdkWorker(srv.client("worker"))
+    [a] = w.c.sync(w.host, max=1)["works"]
+    bad = b'{"max": 1, "reports": [{"task": "%s", "status": "DONE"}]}' % a["task"].encode()
+    code, out = _post(w.c, f"/hosts/{w.host}/sync", bad)
+    assert code == 400 and out["field"] == "status", out
+    other = second if a["work"] == first["uid"] else first
+    assert admin.work(other["uid"])["status"] == "PENDING"
+    assert admin.work(a["work"])["status"] == "RUNNING"  # the refused report changed nothing either
+    [b] = w.c.sync(w.host, max=1)["works"]
+    assert b["work"] == other["uid"]

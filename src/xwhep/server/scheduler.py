@@ -119,8 +119,12 @@ class Scheduler:
             heapq.heappop(heap)  # stale: claimed, deleted or re-added elsewhere
         return None
 
-    def pick(self, host: HostProfile, k: int, version: int = 0) -> list[str]:
-        """Take up to ``k`` works for ``host`` out of the index (the caller claims them in the database)."""
+    def pick(self, host: HostProfile, k: int, version: int = 0,
+             hold: dict[str, tuple[MatchClass, int, str | None]] | None = None) -> list[str]:
+        """Take up to ``k`` works for ``host`` out of the index (the caller claims them in the database).
+
+        With ``hold``, what :meth:`put_back` needs is recorded there: a claim that fails (bad input in the same
+        call, a rolled-back transaction) returns its works to the index without a rebuild from the database."""
         owners: defaultdict[str, list[tuple[float, MatchClass]]] = defaultdict(list)
         for cls in list(self._by_cid.values()):
             if self._head(cls) is None:
@@ -154,10 +158,20 @@ class Scheduler:
                 sets_taken.add(rset)
             del self._entries[item[1]]
             taken.append(item[1])
+            if hold is not None:
+                hold[item[1]] = (cls, item[0], rset)
             extra[owner] += 1
         for cls, item in skipped:
             heapq.heappush(cls.heap, item)
         return taken
+
+    def put_back(self, hold: dict[str, tuple[MatchClass, int, str | None]]) -> None:
+        """Return picked works whose claim did not happen. Harmless if one was claimed after all: claiming is a
+        compare-and-set, so a work already RUNNING in the database is simply not claimed twice."""
+        for uid, (cls, seq, rset) in hold.items():
+            self.add(uid, seq, cls.profile, cls.rank, rset)
+        if hold:
+            self.notify()
 
     def _drop(self, cls: MatchClass) -> None:
         self._by_cid.pop(cls.cid, None)

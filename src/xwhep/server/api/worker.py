@@ -6,6 +6,7 @@ a request claims up to ``max`` works in one transaction.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any
 
@@ -19,6 +20,7 @@ from xwhep.server.api.deps import FastJSON, identity, state_dep
 from xwhep.server.api.models import AliveIn, HostSpec, ReportsIn, RequestIn, SyncIn, dump
 from xwhep.server.auth import Identity
 from xwhep.server.db import schema as s
+from xwhep.server.errors import ApiError
 from xwhep.server.services import common as c
 from xwhep.server.services import dispatch
 from xwhep.server.state import ServerState
@@ -77,12 +79,13 @@ async def _long_poll(st: ServerState, host: HostProfile, version: int, k: int, d
         if uid in st.inactive_hosts or st.scheduler.closing:  # deactivated while this long-poll waited
             return []
         st.liveness.hosts[uid] = time.time()
-        picked = st.scheduler.pick(host, k, version)
+        hold: dict[str, Any] = {}
+        picked = st.scheduler.pick(host, k, version, hold)
         if picked:
             try:
                 out, eff = await st.db.run_grouped(dispatch.claim, host, picked)
-            except BaseException:
-                st.resync_needed = True  # the picked works are still PENDING in the database
+            except BaseException as exc:
+                _unclaimed(st, hold, exc)
                 raise
             eff.apply(st)
             if out:
@@ -91,6 +94,13 @@ async def _long_poll(st: ServerState, host: HostProfile, version: int, k: int, d
         if remaining <= 0:
             return []
         await st.scheduler.wait(remaining)
+
+
+def _unclaimed(st: ServerState, hold: dict[str, Any], exc: BaseException) -> None:
+    """The claim of picked works did not commit: they are still PENDING in the database; back into the index."""
+    st.scheduler.put_back(hold)
+    if not isinstance(exc, (ApiError, asyncio.CancelledError)):  # an unexpected failure: trust only the database
+        st.resync_needed = True
 
 
 def _alive_mark(st: ServerState, uid: str, tasks: list[str], results: list[str]) -> list[str]:
@@ -175,14 +185,14 @@ async def sync_reply(st: ServerState, ident: Identity, uid: str, body: SyncIn) -
     lookup = _alive_mark(st, uid, body.tasks, body.results)
     _set_active(st, uid, body.active)
     want = body.max if body.active else 0
-    picked = st.scheduler.pick(host, want, version) if want else []
+    hold: dict[str, Any] = {}
+    picked = st.scheduler.pick(host, want, version, hold) if want else []
     reports = [dump(r) for r in body.reports]
     try:
-        outcomes, states, works, eff = await st.db.run_grouped(dispatch.sync, ident, host, reports, st.store.exists,
-                                                       lookup, picked)
-    except BaseException:
-        if picked:
-            st.resync_needed = True  # the picked works are still PENDING in the database
+        outcomes, states, works, eff = await st.db.run_grouped(dispatch.sync, ident, host, reports,
+                                                               st.store.exists, lookup, picked)
+    except BaseException as exc:
+        _unclaimed(st, hold, exc)  # e.g. a malformed report in the same call: nothing of it landed
         raise
     eff.apply(st)
     out = _alive_reply(st, uid, body.tasks, body.results, body.active, states)
@@ -201,6 +211,6 @@ async def reports(uid: str, body: ReportsIn, ident: Ident, st: St) -> FastJSON:
     await hostcache.lookup(st, ident, uid)
     st.liveness.hosts[uid] = time.time()
     outcomes, eff = await st.db.run_grouped(dispatch.report, ident, uid, [dump(r) for r in body.reports],
-                                    st.store.exists)
+                                            st.store.exists)
     eff.apply(st)
     return FastJSON({"reports": outcomes})
