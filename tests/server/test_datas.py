@@ -206,3 +206,41 @@ def test_listing_pages_through_everything(srv: ServerProc, tmp_path: Path) -> No
     paged = admin.datas(page=3)  # 3 + 3 + 3 + … until a short page
     assert made <= {d["uid"] for d in paged}
     assert [d["uid"] for d in paged] == sorted(everything) and len(paged) == len(everything)
+
+
+def test_bag_of_mixed_shapes_keeps_each_works_fields(srv: ServerProc, tmp_path: Path) -> None:
+    """Works of one bag that share their shape are checked once; every work still gets exactly its own fields,
+    links are counted per work, and a bad work names its index."""
+    admin = srv.client()
+    prog = tmp_path / "m.sh"
+    prog.write_text("#!/bin/sh\n")
+    admin.put_app("mixed", binaries={"linux/x86_64": prog})
+    stdin = tmp_path / "in.txt"
+    stdin.write_text("input\n")
+    data = admin.put_data(stdin)
+    specs = []
+    for i in range(30):
+        spec: dict[str, object] = {"app": "mixed", "args": ["x", str(i)] if i % 3 == 0 else f"a {i}"}
+        if i % 2:
+            spec["label"] = f"odd-{i}"
+        if i % 5 == 0:
+            spec.update(stdin=data["uid"], env={"K": str(i % 10)}, max_retries=1, min_memory=64)
+        specs.append(spec)
+    out = admin.submit_bag(specs)
+    got = {w["uid"]: admin.work(w["uid"]) for w in out}
+    for spec, w in zip(specs, out, strict=True):
+        row = got[w["uid"]]
+        args = spec["args"]
+        assert row["args"] == (" ".join(args) if isinstance(args, list) else args)
+        assert row["label"] == spec.get("label")
+        assert row["stdin"] == spec.get("stdin")
+        assert row["env"] == spec.get("env", {})
+        assert row["max_retries"] == spec.get("max_retries", 3) and row["min_memory"] == spec.get("min_memory", 0)
+    assert admin.data(data["uid"])["links"] == 6  # i = 0, 5, 10, 15, 20, 25
+    with pytest.raises(XwError) as err:
+        admin.submit_bag([{"app": "mixed", "args": "ok"}, {"app": "mixed", "args": 7}])
+    assert err.value.status == 400 and "works.1.args" in err.value.message
+    with pytest.raises(XwError) as err:
+        admin.submit_bag([{"app": "mixed", "args": "ok"}, {"app": "mixed", "args": "ok", "requirements": "host.("}])
+    assert err.value.status == 400 and "works[1]" in err.value.message and err.value.field == "requirements"
+    assert admin.data(data["uid"])["links"] == 6  # the refused bags changed nothing
