@@ -76,11 +76,13 @@ def test_is_uid() -> None:
     assert not is_uid("")
 
 
-def test_new_uid_is_a_fresh_v4() -> None:
-    a, b = new_uid(), new_uid()
-    assert a != b
-    assert is_uid(a)
-    assert uuid.UUID(a).version == 4
+def test_new_uid_is_a_fresh_time_ordered_v7() -> None:
+    uids = [new_uid() for _ in range(1000)]
+    assert len(set(uids)) == 1000
+    assert all(is_uid(u) and uuid.UUID(u).version == 7 for u in uids)
+    # time-ordered: the 48-bit millisecond prefix never goes back
+    stamps = [int(u.replace("-", "")[:12], 16) for u in uids]
+    assert stamps == sorted(stamps)
 
 
 @pytest.mark.parametrize("host", ["host", "host:4443", "10.0.0.1:4443"])

@@ -50,8 +50,16 @@ async def authenticate(st: ServerState, header: str) -> Identity:
         ident = await st.oidc.verify(token, st.db)
     if ident is None:
         raise ApiError(401, "invalid or expired token: log in again")
-    if ident.x509_serial is not None and st.x509.revocations.is_revoked(ident.x509_serial):
-        raise ApiError(401, "the certificate this token was obtained with is revoked")
-    if ident.uid in st.revoked_users:  # deleted (revoked) since the token was issued: refused at once
-        raise ApiError(401, "this identity was revoked")
+    why = revoked(st, ident)
+    if why:
+        raise ApiError(401, why)
     return ident
+
+
+def revoked(st: ServerState, ident: Identity) -> str | None:
+    """Why an identity established earlier (a token, a stream ticket) no longer counts; None if it still does."""
+    if ident.x509_serial is not None and st.x509.revocations.is_revoked(ident.x509_serial):
+        return "the certificate this token was obtained with is revoked"
+    if ident.uid in st.revoked_users:  # deleted (revoked) since the token was issued: refused at once
+        return "this identity was revoked"
+    return None

@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from fastapi import APIRouter, Depends, WebSocket
 
 from xwhep.server import hosts as hostcache
-from xwhep.server.api.deps import FastJSON, identity, state, state_dep
+from xwhep.server.api.deps import FastJSON, identity, revoked, state, state_dep
 from xwhep.server.auth import Identity
 from xwhep.server.errors import ApiError
 from xwhep.server.relay import SPARE_TTL, TICKET_TTL, Channel, RawSide, Refused, Side, Spare, Stream, close_reason
@@ -372,11 +372,9 @@ async def raw_stream(st: ServerState, side: RawSide, ticket: str, target: str) -
         await _deny(side, 401, got)
         return
     ident = got
-    if ident.x509_serial is not None and st.x509.revocations.is_revoked(ident.x509_serial):
-        await _deny(side, 401, "the certificate this token was obtained with is revoked")
-        return
-    if ident.uid in st.revoked_users:
-        await _deny(side, 401, "this identity was revoked")
+    why = revoked(st, ident)
+    if why:
+        await _deny(side, 401, why)
         return
     parts = urlsplit(target)
     query = dict(parse_qsl(parts.query))
