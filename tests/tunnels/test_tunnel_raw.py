@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tunnels.tunnelgrid import Grid, Proxy, make_grid, needs_bwrap, relay_state, stop_grid, wait_for
+from tunnels.tunnelgrid import Grid, Proxy, echo, make_grid, needs_bwrap, relay_state, stop_grid, wait_for
 
 from xwhep.client import Client
 from xwhep.client.config import load
@@ -26,19 +26,6 @@ from xwhep.server.auth import Identity
 from xwhep.server.relay import MAX_USER_TICKETS, TICKET_TTL, Hub, Refused
 
 pytestmark = [needs_bwrap, pytest.mark.timeout(180)]
-
-
-def _echo(port: int, data: bytes) -> bytes | None:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(b"ECHO\n" + data)
-            s.shutdown(socket.SHUT_WR)
-            out = b""
-            while chunk := s.recv(65536):
-                out += chunk
-            return out
-    except OSError:
-        return None
 
 
 def _tickets(conf: Path, n: int = 2) -> dict[str, Any]:
@@ -67,20 +54,6 @@ def _raw_answer(grid: Grid, port: int, ticket: str, path: str) -> tuple[int, str
     return asyncio.run(go())
 
 
-@pytest.fixture(scope="module")
-def tcpserv(grid: Grid) -> Iterator[tuple[str, int]]:
-    """A running tcpserv job on port 7000 and an xwproxy to it: (work uid, local port)."""
-    uid = grid.submit(grid.alice, "tcpserv", "7000", "--xwlistenport", "7000")
-    try:
-        grid.running(uid)
-        with Proxy(grid.alice, uid, "--xwlistenport", "0") as proxy:
-            port = proxy.port()
-            wait_for(lambda: _echo(port, b"ping") == b"ping", 30, "tcpserv to answer", interval=0.2)
-            yield uid, port
-    finally:
-        grid.end(uid)
-
-
 def test_streams_take_the_raw_path_by_default(grid: Grid, tcpserv: tuple[str, int]) -> None:
     uid, port = tcpserv
     assert relay_state(grid.admin)["raw_port"] > 0
@@ -88,7 +61,7 @@ def test_streams_take_the_raw_path_by_default(grid: Grid, tcpserv: tuple[str, in
         held.sendall(b"HOLD\n")
         state = wait_for(lambda: (s := relay_state(grid.admin, uid))["streams"] == 1 and s, 15, "the stream")
         assert state["raw_streams"] == 1, state  # raw connection to raw connection, on both sides
-    assert _echo(port, b"x" * 100_000) == b"x" * 100_000
+    assert echo(port, b"x" * 100_000) == b"x" * 100_000
 
 
 def test_wrong_and_replayed_tickets_are_refused_with_a_reason(grid: Grid) -> None:
@@ -202,12 +175,12 @@ def test_a_server_without_a_raw_port_relays_over_websockets(websocket_only: Grid
         g.running(uid)
         with Proxy(g.alice, uid, "--xwlistenport", "0") as proxy:
             port = proxy.port()
-            wait_for(lambda: _echo(port, b"ping") == b"ping", 30, "tcpserv to answer", interval=0.2)
+            wait_for(lambda: echo(port, b"ping") == b"ping", 30, "tcpserv to answer", interval=0.2)
             with socket.create_connection(("127.0.0.1", port), timeout=30) as held:
                 held.sendall(b"HOLD\n")
                 state = wait_for(lambda: (s := relay_state(g.admin, uid))["streams"] == 1 and s, 15, "the stream")
                 assert state["raw_streams"] == 0
             payload = bytes(range(256)) * 4096
-            assert _echo(port, payload) == payload
+            assert echo(port, payload) == payload
     finally:
         g.end(uid)

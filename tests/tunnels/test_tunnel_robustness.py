@@ -12,31 +12,16 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import pytest
-from tunnels.tunnelgrid import Grid, Proxy, make_grid, needs_bwrap, relay_state, stop_grid, wait_for
+from tunnels.tunnelgrid import Grid, Proxy, echo, make_grid, needs_bwrap, relay_state, stop_grid, wait_for
 
 pytestmark = [needs_bwrap, pytest.mark.timeout(240)]
 
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def tcpserv(grid: Grid) -> Iterator[tuple[str, int]]:
-    """A running tcpserv job on port 7000 and an xwproxy to it: (work uid, local port)."""
-    uid = grid.submit(grid.alice, "tcpserv", "7000", "--xwlistenport", "7000")
-    try:
-        grid.running(uid)
-        with Proxy(grid.alice, uid, "--xwlistenport", "0") as proxy:
-            port = proxy.port()
-            wait_for(lambda: _echo(port, b"ping") == b"ping", 30, "tcpserv to answer", interval=0.2)
-            yield uid, port
-    finally:
-        grid.end(uid)
 
 
 def _connect(port: int, command: str, timeout: float = 60) -> socket.socket:
@@ -54,16 +39,6 @@ def _read_all(s: socket.socket) -> bytes:
         chunks.append(b)
 
 
-def _echo(port: int, data: bytes) -> bytes | None:
-    try:
-        with _connect(port, "ECHO", timeout=10) as s:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-            return _read_all(s)
-    except OSError:
-        return None
-
-
 def test_twenty_concurrent_streams(grid: Grid, tcpserv: tuple[str, int]) -> None:
     _, port = tcpserv
     payloads = [os.urandom(random.randint(1, 2 * MiB)) for _ in range(20)]
@@ -71,7 +46,7 @@ def test_twenty_concurrent_streams(grid: Grid, tcpserv: tuple[str, int]) -> None
 
     def one(data: bytes) -> bool:
         barrier.wait(30)  # all twenty open at once
-        return _echo(port, data) == data
+        return echo(port, data) == data
 
     with ThreadPoolExecutor(20) as pool:
         assert all(pool.map(one, payloads))
@@ -140,7 +115,7 @@ def test_a_slow_reader_stalls_the_writer_not_the_server(grid: Grid, tcpserv: tup
         assert relay_state(grid.admin, uid)["raw_streams"] == 1
     assert accepted < 256 * MiB, f"{accepted / MiB:.0f} MiB accepted: nothing pushed back"
     assert grown < 48 * MiB, f"the server grew by {grown / MiB:.0f} MiB for {accepted / MiB:.0f} MiB pushed"
-    assert _echo(port, b"still fine") == b"still fine"  # the stalled stream harmed no other
+    assert echo(port, b"still fine") == b"still fine"  # the stalled stream harmed no other
 
 
 def test_a_dropped_control_channel_reconnects(grid: Grid, tcpserv: tuple[str, int]) -> None:
@@ -158,7 +133,7 @@ def test_a_dropped_control_channel_reconnects(grid: Grid, tcpserv: tuple[str, in
         inflight.shutdown(socket.SHUT_WR)
         assert _read_all(inflight) == b"during the drop"
     wait_for(lambda: relay_state(grid.admin)["hosts"] >= 1, 30, "the control channel to come back")
-    assert wait_for(lambda: _echo(port, b"after") == b"after", 30, "a new stream after the reconnection")
+    assert wait_for(lambda: echo(port, b"after") == b"after", 30, "a new stream after the reconnection")
 
 
 def test_a_port_nobody_listens_on_is_refused_with_a_reason(grid: Grid) -> None:
@@ -167,7 +142,7 @@ def test_a_port_nobody_listens_on_is_refused_with_a_reason(grid: Grid) -> None:
         grid.running(uid)
         with Proxy(grid.alice, uid, "--xwlistenport", "0,0") as proxy:
             p7000, p7001 = proxy.port(), proxy.port()
-            wait_for(lambda: _echo(p7000, b"x") == b"x", 30, "tcpserv to answer")
+            wait_for(lambda: echo(p7000, b"x") == b"x", 30, "tcpserv to answer")
             with socket.create_connection(("127.0.0.1", p7001), timeout=30) as s:
                 try:
                     assert _read_all(s) == b""  # ended without data…
@@ -184,7 +159,7 @@ def test_ending_the_work_closes_its_streams(grid: Grid) -> None:
         grid.running(uid)
         with Proxy(grid.alice, uid, "--xwlistenport", "0") as proxy:
             port = proxy.port()
-            wait_for(lambda: _echo(port, b"x") == b"x", 30, "tcpserv to answer")
+            wait_for(lambda: echo(port, b"x") == b"x", 30, "tcpserv to answer")
             held = [_connect(port, "HOLD") for _ in range(3)]
             wait_for(lambda: relay_state(grid.admin, uid)["streams"] == 3, 15, "the streams to be up")
             t0 = time.monotonic()
@@ -211,11 +186,11 @@ def test_streams_work_again_after_a_server_restart(tmp_path: Path) -> None:
         g.running(uid)
         with Proxy(g.alice, uid, "--xwlistenport", "0") as proxy:
             port = proxy.port()
-            wait_for(lambda: _echo(port, b"before") == b"before", 30, "tcpserv to answer")
+            wait_for(lambda: echo(port, b"before") == b"before", 30, "tcpserv to answer")
             g.server.restart()
             wait_for(lambda: relay_state(g.admin)["hosts"] >= 1, 30, "the worker's control channel to come back")
             assert g.admin.work(uid)["status"] == "RUNNING"
-            assert wait_for(lambda: _echo(port, b"after") == b"after", 30, "a stream after the restart")
+            assert wait_for(lambda: echo(port, b"after") == b"after", 30, "a stream after the restart")
         g.end(uid)
     finally:
         stop_grid(g)

@@ -17,6 +17,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -164,6 +165,20 @@ def write_conf(server: ServerProc, path: Path, login: str, password: str) -> Pat
     path.write_text(f'server = "{conf["server"]}"\nca = "{conf["ca"]}"\nlogin = "{login}"\npassword = "{password}"\n')
     path.chmod(0o600)
     return path
+
+
+def echo(port: int, data: bytes, timeout: float = 10) -> bytes | None:
+    """One ECHO exchange with the tcpserv job through the xwproxy on ``port``: what came back, None if refused."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(b"ECHO\n" + data)
+            s.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := s.recv(1 << 20):
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except OSError:
+        return None
 
 
 def relay_state(admin: Client, work: str | None = None) -> dict[str, int]:

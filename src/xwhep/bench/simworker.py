@@ -273,18 +273,7 @@ class SimWorker:
         self.finished = []
         if reports:
             st.latency["sync"].append(t1 - t0)
-            n = 0
-            for r in out["reports"]:
-                if r["outcome"] == "done":
-                    n += 1
-                elif r["outcome"] == "upload":
-                    st.uploads += 1
-                else:
-                    st.stale += 1
-            st.done += n
-            st.first_done = min(st.first_done, t1)
-            st.last_done = max(st.last_done, t1)
-            self.on_done(n)
+            self._count(out["reports"], t1)
         works = out["works"]
         if not works:
             if not reports:
@@ -322,8 +311,13 @@ class SimWorker:
         out = await call(self.http, "POST", base + "/reports", {"reports": reports}, self.token)
         t3 = time.perf_counter()
         st.latency["report"].append(t3 - t2)
+        self._count(out["reports"], t3)
+
+    def _count(self, outcomes: list[dict[str, Any]], t: float) -> None:
+        """Tally the server's answers to reports received at ``t``."""
+        st = self.stats
         n = 0
-        for r in out["reports"]:
+        for r in outcomes:
             if r["outcome"] == "done":
                 n += 1
             elif r["outcome"] == "upload":
@@ -331,8 +325,8 @@ class SimWorker:
             else:
                 st.stale += 1
         st.done += n
-        st.first_done = min(st.first_done, t3)
-        st.last_done = max(st.last_done, t3)
+        st.first_done = min(st.first_done, t)
+        st.last_done = max(st.last_done, t)
         self.on_done(n)
 
 
