@@ -56,13 +56,13 @@ class FastPath:
         st = self.st
         ident: Identity | None = None
         try:
-            body = await _body(receive, st.config.max_json_body)
             auth = ""
             for name, value in scope["headers"]:
                 if name == b"authorization":
                     auth = value.decode("latin-1")
                     break
-            ident = await authenticate(st, auth)
+            ident = await authenticate(st, auth)  # before reading the body: strangers get nothing buffered
+            body = await _body(receive, st.config.max_json_body)
             model, handler = _ROUTES[call]
             try:
                 parsed = model.model_validate_json(body)
