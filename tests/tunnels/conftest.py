@@ -6,7 +6,7 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from tunnels.tunnelgrid import Grid, Proxy, echo, make_grid, stop_grid, wait_for
+from tunnels.tunnelgrid import Grid, make_grid, stop_grid, tcpserv_proxy
 
 
 @pytest.fixture(scope="session")
@@ -23,12 +23,5 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
 @pytest.fixture(scope="module")
 def tcpserv(grid: Grid) -> Iterator[tuple[str, int]]:
     """A running tcpserv job on port 7000 and an xwproxy to it: (work uid, local port)."""
-    uid = grid.submit(grid.alice, "tcpserv", "7000", "--xwlistenport", "7000")
-    try:
-        grid.running(uid)
-        with Proxy(grid.alice, uid, "--xwlistenport", "0") as proxy:
-            port = proxy.port()
-            wait_for(lambda: echo(port, b"ping") == b"ping", 30, "tcpserv to answer", interval=0.2)
-            yield uid, port
-    finally:
-        grid.end(uid)
+    with tcpserv_proxy(grid) as served:
+        yield served

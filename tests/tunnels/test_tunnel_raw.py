@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tunnels.tunnelgrid import Grid, Proxy, echo, make_grid, needs_bwrap, relay_state, stop_grid, wait_for
+from tunnels.tunnelgrid import (
+    Grid,
+    echo,
+    make_grid,
+    needs_bwrap,
+    relay_state,
+    stop_grid,
+    tcpserv_proxy,
+    wait_for,
+)
 
 from xwhep.client import Client
 from xwhep.client.config import load
@@ -170,17 +179,10 @@ def test_a_server_without_a_raw_port_relays_over_websockets(websocket_only: Grid
     g = websocket_only
     assert relay_state(g.admin)["raw_port"] == 0
     assert _tickets(g.alice)["port"] is None
-    uid = g.submit(g.alice, "tcpserv", "7000", "--xwlistenport", "7000")
-    try:
-        g.running(uid)
-        with Proxy(g.alice, uid, "--xwlistenport", "0") as proxy:
-            port = proxy.port()
-            wait_for(lambda: echo(port, b"ping") == b"ping", 30, "tcpserv to answer", interval=0.2)
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as held:
-                held.sendall(b"HOLD\n")
-                state = wait_for(lambda: (s := relay_state(g.admin, uid))["streams"] == 1 and s, 15, "the stream")
-                assert state["raw_streams"] == 0
-            payload = bytes(range(256)) * 4096
-            assert echo(port, payload) == payload
-    finally:
-        g.end(uid)
+    with tcpserv_proxy(g) as (uid, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as held:
+            held.sendall(b"HOLD\n")
+            state = wait_for(lambda: (s := relay_state(g.admin, uid))["streams"] == 1 and s, 15, "the stream")
+            assert state["raw_streams"] == 0
+        payload = bytes(range(256)) * 4096
+        assert echo(port, payload) == payload

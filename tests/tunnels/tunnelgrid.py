@@ -23,6 +23,7 @@ import sys
 import threading
 import uuid
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,20 @@ def echo(port: int, data: bytes, timeout: float = 10) -> bytes | None:
             return b"".join(chunks)
     except OSError:
         return None
+
+
+@contextlib.contextmanager
+def tcpserv_proxy(grid: Grid) -> Iterator[tuple[str, int]]:
+    """A running tcpserv job on port 7000 and an xwproxy to it, both ended on exit: (work uid, local port)."""
+    uid = grid.submit(grid.alice, "tcpserv", "7000", "--xwlistenport", "7000")
+    try:
+        grid.running(uid)
+        with Proxy(grid.alice, uid, "--xwlistenport", "0") as proxy:
+            port = proxy.port()
+            wait_for(lambda: echo(port, b"ping") == b"ping", 30, "tcpserv to answer", interval=0.2)
+            yield uid, port
+    finally:
+        grid.end(uid)
 
 
 def relay_state(admin: Client, work: str | None = None) -> dict[str, int]:
