@@ -141,8 +141,9 @@ def test_example3_job_to_job(grid: Grid, tmp_path: Path) -> None:
             assert files["fetched.txt"] == b"from the service job\n"
         finally:
             grid.end(client)
-        opened = [e for e in grid.admin.events(service) if e["action"] == "tunnel.open"]
-        assert any(client in (e.get("detail") or "") for e in opened), opened
+        # the relay writes tunnel.open events in batches after the stream is up (never on its path): wait for it
+        wait_for(lambda: any(e["action"] == "tunnel.open" and client in (e.get("detail") or "")
+                             for e in grid.admin.events(service)), 10, "the tunnel.open event of the client job")
     finally:
         grid.end(service)
 
