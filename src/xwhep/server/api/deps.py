@@ -17,7 +17,12 @@ class FastJSON(JSONResponse):
     """orjson rendering: the hot paths return plain dicts and skip FastAPI's encoder."""
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
+        return json_bytes(content)
+
+
+def json_bytes(content: Any) -> bytes:
+    """The server's JSON rendering (orjson; non-string keys allowed), for FastAPI routes and the fast path."""
+    return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
 
 
 def state(request: Request) -> ServerState:

@@ -14,12 +14,11 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from xwhep.server.api import worker
-from xwhep.server.api.deps import authenticate
+from xwhep.server.api.deps import authenticate, json_bytes
 from xwhep.server.api.models import AliveIn, SyncIn, validation_error
 from xwhep.server.auth import Identity
 from xwhep.server.errors import ApiError
@@ -97,7 +96,7 @@ async def _body(receive: Receive, limit: int) -> bytes:
 
 
 async def _reply(send: Send, status: int, content: Any, headers: dict[str, str] | None = None) -> None:
-    data = orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
+    data = json_bytes(content)
     head = [*_JSON, (b"content-length", str(len(data)).encode())]
     if headers:
         head += [(k.lower().encode(), v.encode()) for k, v in headers.items()]

@@ -115,7 +115,7 @@ def _alive_mark(st: ServerState, uid: str, tasks: list[str], results: list[str])
     return [task for task in tasks if task not in live.active_tasks] + list(results)
 
 
-def _alive_reply(st: ServerState, uid: str, tasks: list[str], results: list[str], active: bool,
+def _alive_reply(st: ServerState, tasks: list[str], results: list[str],
                  states: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per task continue or stop; results acknowledged, to send again, or never reported."""
     live = st.liveness
@@ -141,7 +141,6 @@ def _alive_reply(st: ServerState, uid: str, tasks: list[str], results: list[str]
         else:
             ack.append(task)
             live.tasks.pop(task, None)
-    _set_active(st, uid, active)
     return {"tasks": orders, "ack": ack, "resend": resend, "report": report, "alive_period": st.config.alive_period}
 
 
@@ -166,7 +165,8 @@ async def alive_reply(st: ServerState, ident: Identity, uid: str, body: AliveIn)
     await hostcache.lookup(st, ident, uid)
     lookup = _alive_mark(st, uid, body.tasks, body.results)
     states = await st.db.run_grouped(dispatch.task_states, uid, lookup) if lookup else {}
-    return _alive_reply(st, uid, body.tasks, body.results, body.active, states)
+    _set_active(st, uid, body.active)
+    return _alive_reply(st, body.tasks, body.results, states)
 
 
 @router.post("/hosts/{uid}/sync")
@@ -195,7 +195,7 @@ async def sync_reply(st: ServerState, ident: Identity, uid: str, body: SyncIn) -
         _unclaimed(st, hold, exc)  # e.g. a malformed report in the same call: nothing of it landed
         raise
     eff.apply(st)
-    out = _alive_reply(st, uid, body.tasks, body.results, body.active, states)
+    out = _alive_reply(st, body.tasks, body.results, states)
     out["reports"] = outcomes
     if not works and want and body.wait > 0:
         works = await _long_poll(st, host, version, want, time.monotonic() + min(body.wait, st.config.max_long_poll))

@@ -69,16 +69,6 @@ def tuples(conn: Connection, sql: Sql, params: Mapping[str, Any]) -> list[tuple[
         cur.close()
 
 
-def execute(conn: Connection, sql: Sql, params: Mapping[str, Any]) -> int:
-    """Run one statement; the number of rows it changed."""
-    cur = _cursor(conn)
-    try:
-        cur.execute(sql.text(conn), sql.params(conn, params))
-        return int(cur.rowcount)
-    finally:
-        cur.close()
-
-
 def executemany(conn: Connection, sql: Sql, batch: Sequence[Mapping[str, Any]]) -> None:
     """Run one statement for each parameter set."""
     if not batch:
