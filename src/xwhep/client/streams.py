@@ -685,10 +685,32 @@ class _Local(_Reader):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self.up_eof = False
         self.down_eof = False
+        self._payload: memoryview
         self._new_buffer()
 
     def _target(self) -> asyncio.Transport | None:
         return self.relay.transport
+
+    # The local bytes are read behind room for their frame header, so that header and payload go to the relay in
+    # one write: one run of TLS records per read, not a 5-byte record of its own before each.
+    def _new_buffer(self) -> None:
+        self._buf = bytearray(wire.HEADER.size + RAW_READ)
+        self._view = memoryview(self._buf)
+        self._payload = self._view[wire.HEADER.size:]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._payload
+
+    def buffer_updated(self, nbytes: int) -> None:
+        relay = self.relay
+        if self.verdict is not None or relay.state is not State.OPEN:
+            self.data_received(self._payload[:nbytes])
+        else:
+            wire.HEADER.pack_into(self._buf, 0, wire.BIN, nbytes)
+            relay.transport.write(self._view[:wire.HEADER.size + nbytes])
+        target = relay.transport
+        if target.get_write_buffer_size() and target.get_extra_info("sslcontext") is None:
+            self._new_buffer()  # a plain transport kept a view of the buffer: do not overwrite it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
