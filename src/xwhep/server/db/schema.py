@@ -89,6 +89,8 @@ works = sa.Table(
     sa.Column("wallclock", sa.Integer, nullable=True),
     sa.Column("max_retries", sa.Integer, nullable=False),
     sa.Column("retries", sa.Integer, nullable=False, default=0),
+    # attempts so far (one task each, aborted ones included): the next task's trial number
+    sa.Column("trials", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Column("replicas", sa.Integer, nullable=False, default=1),
     sa.Column("replica_of", UID, nullable=True),
     sa.Column("requirements", sa.Text, nullable=True),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -98,15 +99,24 @@ def own_host(conn: Connection, ident: Identity, host_uid: str) -> dict[str, Any]
 
 # -- claiming --------------------------------------------------------------------------------------------------
 
-_WORK_COLS = ("uid, owner, app, args, env, stdin, dirin, wallclock, min_memory, listen_ports, forward_addresses, "
-              "label, replicas, replica_of, task")
-_CLAIM = raw.Sql("UPDATE works SET status = 'RUNNING', host = :h, task = :k, started = :t, modified = :t "
-                 "WHERE uid = :u AND status = 'PENDING'")
-_CLAIMED = raw.Sql(f"SELECT {_WORK_COLS} FROM works WHERE uid IN_LIST(:uids)")
+_WORK_COLS = ("works.uid, works.owner, works.app, works.args, works.env, works.stdin, works.dirin, works.wallclock, "
+              "works.min_memory, works.listen_ports, works.forward_addresses, works.label, works.replicas, "
+              "works.replica_of, works.task, works.trials")
+# Compare-and-set of a batch of picked works in one statement; each claimed row comes back with the task uid it
+# now carries and its attempt count (a row another server process claimed first is simply not returned).
+# :m is a JSON object {work uid: new task uid}.
+_CLAIM = raw.Sql(
+    "UPDATE works SET status = 'RUNNING', host = :h, task = j.value, started = :t, modified = :t, "
+    # "+status": SQLite would otherwise walk the status index through every PENDING work instead of looking
+    # the few uids up (no statistics to tell it otherwise)
+    "trials = works.trials + 1 FROM json_each(:m) AS j WHERE works.uid = j.key AND +works.status = 'PENDING' "
+    f"RETURNING {_WORK_COLS}",
+    postgres="UPDATE works SET status = 'RUNNING', host = :h, task = j.value, started = :t, modified = :t, "
+    "trials = works.trials + 1 FROM jsonb_each_text(CAST(:m AS jsonb)) AS j WHERE works.uid = j.key "
+    f"AND works.status = 'PENDING' RETURNING {_WORK_COLS}")
 _APPS = raw.Sql("SELECT uid, name, type, binaries, env, base_dirin, image, default_stdin, default_dirin "
                 "FROM apps WHERE uid IN_LIST(:uids)")
 _DATAINFO = raw.Sql("SELECT uid, name, sha256, size, type FROM datas WHERE uid IN_LIST(:uids)")
-_TRIED = raw.Sql("SELECT work, count(*) FROM tasks WHERE work IN_LIST(:uids) GROUP BY work")
 _NEW_TASK = raw.Sql("INSERT INTO tasks (uid, owner, access_rights, created, modified, work, host, trial, status, "
                     "started, last_alive) "
                     "VALUES (:uid, :owner, :rights, :t, :t, :work, :host, :trial, 'RUNNING', :t, :t)")
@@ -125,10 +135,8 @@ def claim(conn: Connection, host: HostProfile, picked: list[str]) -> tuple[list[
     if not picked:
         return [], eff
     mine = {uid: new_uid() for uid in picked}
-    # one compare-and-set per work in one executemany; then read back which ones carry our task uid (another
-    # server process may have won some of them)
-    raw.executemany(conn, _CLAIM, [{"u": uid, "k": task, "h": host.uid, "t": t} for uid, task in mine.items()])
-    works = [w for w in raw.rows(conn, _CLAIMED, {"uids": mine}) if w["task"] == mine[w["uid"]]]
+    claimed = {w["uid"]: w for w in raw.rows(conn, _CLAIM, {"m": orjson.dumps(mine).decode(), "h": host.uid, "t": t})}
+    works = [claimed[uid] for uid in picked if uid in claimed]  # in the scheduler's order
     if not works:
         return [], eff
     apps = {a["uid"]: a for a in raw.rows(conn, _APPS, {"uids": {w["app"] for w in works}})}
@@ -146,11 +154,10 @@ def claim(conn: Connection, host: HostProfile, picked: list[str]) -> tuple[list[
         w["env"] = raw.json_value(w["env"])
         wanted.update(x for x in (w["stdin"], w["dirin"]) if x)
     info = _datainfo(conn, wanted)
-    tried = dict(raw.tuples(conn, _TRIED, {"uids": [w["uid"] for w in works]}))
     task_rows, ev, out = [], [], []
     for w in works:
         task = w["task"]
-        trial = tried.get(w["uid"], 0) + 1  # attempts so far, aborts included: unique per work
+        trial = w["trials"]  # attempts so far, this one and aborted ones included: unique per work
         task_rows.append({"uid": task, "owner": host.owner, "rights": 0x700, "t": t, "work": w["uid"],
                           "host": host.uid, "trial": trial})
         ev.append({"actor": host.owner, "action": "work.transition", "object": w["uid"], "source": "PENDING",

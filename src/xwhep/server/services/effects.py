@@ -6,18 +6,29 @@ never runs ahead of the database.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 from xwhep.core.matching import WorkProfile
 from xwhep.server.state import ServerState
 
 
+class Deltas(dict[str, int]):
+    """Changes of a count per key, 0 when absent (a Counter without its construction cost: an Effects is made for
+    every call of the hot path)."""
+
+    def __missing__(self, key: str) -> int:
+        return 0
+
+    def add(self, other: dict[str, int]) -> None:
+        for key, delta in other.items():
+            self[key] += delta
+
+
 @dataclass
 class Effects:
     pending: list[tuple[str, int, WorkProfile, str | None, str | None]] = field(default_factory=list)
     discard: list[str] = field(default_factory=list)
-    running: Counter[str] = field(default_factory=Counter)  # owner → change in running works
+    running: Deltas = field(default_factory=Deltas)  # owner → change in running works
     tasks_started: dict[str, str] = field(default_factory=dict)  # task → work
     tasks_ended: list[str] = field(default_factory=list)
     replica_hosts: list[tuple[str, str]] = field(default_factory=list)  # (replica set, host)
@@ -27,7 +38,7 @@ class Effects:
         """Add ``other``'s effects to these (one transaction doing several things)."""
         self.pending += other.pending
         self.discard += other.discard
-        self.running.update(other.running)
+        self.running.add(other.running)
         self.tasks_started.update(other.tasks_started)
         self.tasks_ended += other.tasks_ended
         self.replica_hosts += other.replica_hosts

@@ -193,7 +193,7 @@ def submit(conn: Connection, ident: Identity, specs: list[dict[str, Any]], serve
             if len(specs) > 1:
                 exc.message = f"works[{i}]: {exc.message}"
             raise
-    raw.executemany(conn, _INSERT_WORK, [{**r, "env": orjson.dumps(r["env"]).decode()} for r in rows])
+    raw.executemany(conn, _INSERT_WORK, rows)
     seq_of = dict(raw.tuples(conn, _WORK_SEQ, {"uids": [r["uid"] for r in rows]}))
     for uid, n in links.items():
         conn.execute(s.datas.update().where(s.datas.c.uid == uid).values(links=s.datas.c.links + n))
@@ -274,7 +274,8 @@ def _build(res: Resolver, ident: Identity, spec: Mapping[str, Any], t: float, li
     base = {
         "owner": ident.uid, "access_rights": rights, "created": t, "modified": t,
         "status": WorkStatus.PENDING if inputs_ready else WorkStatus.UNAVAILABLE,
-        "app": app["uid"], "args": args, "env": env, "stdin": refs["stdin"], "dirin": refs["dirin"],
+        "app": app["uid"], "args": args, "env": orjson.dumps(env).decode(),  # as stored (a JSON column)
+        "stdin": refs["stdin"], "dirin": refs["dirin"],
         "label": spec.get("label"),
         "grp": res.bag("group", spec["group"]) if spec.get("group") else None,
         "session": res.bag("session", spec["session"]) if spec.get("session") else None,
