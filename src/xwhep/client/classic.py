@@ -272,6 +272,9 @@ def parse_argv(argv: Sequence[str], options: Mapping[str, Opt], *, plain: bool =
 CONFIG = Opt("config", "FILE", "client config file (default: $XW_CONFIG, else ~/.xwhep/client.conf)")
 FORMAT = Opt("format", "FMT", "output format: short, text, csv, xml, json or html (default: short)")
 HELP = Opt("help", None, "show this help")
+ONBEHALF = Opt("onbehalfof", "LOGIN|URI",
+               "a MANDATED_USER acting for the user who mandated it (default: $XW_ON_BEHALF_OF, else on_behalf_of "
+               "in the client config)")
 RIGHTS = Opt("rights", "RIGHTS", "access rights, like 0x755, 755 or go-rwx")
 OUT = Opt("out", "DIR", "directory to download into (default: the current directory)")
 MINS = (Opt("minmemory", "MB", "minimum memory in MiB"), Opt("mincpuspeed", "MHz", "minimum CPU speed in MHz"),
@@ -293,7 +296,7 @@ class Command:
 
     def all_options(self) -> dict[str, Opt]:
         """Its options plus the common ones, by name."""
-        return {o.name: o for o in (CONFIG, HELP, *self.options)}
+        return {o.name: o for o in (CONFIG, ONBEHALF, HELP, *self.options)}
 
 
 class Call:
@@ -312,7 +315,7 @@ class Call:
     def client(self) -> Client:
         """The SDK client, built from the config on first use (so --xwhelp and usage errors need none)."""
         if self._client is None:
-            self._client = Client.from_config(self.parsed.get("config"))
+            self._client = Client.from_config(self.parsed.get("config"), on_behalf_of=self.parsed.get("onbehalfof"))
         return self._client
 
     def close(self) -> None:
@@ -737,6 +740,38 @@ def op_chmod(call: Call) -> int:
     return EXIT_OK
 
 
+def op_mandate(call: Call) -> int:
+    """``[list]`` | ``grant LOGIN [--xwexpires S] [--xwmandator LOGIN]`` | ``revoke URI…``: mandates, which let a
+    MANDATED_USER (a portal) act on a user's behalf (it then passes --xwonbehalfof)."""
+    action = call.bare[0] if call.bare else "list"
+    args = list(call.bare[1:])
+    if action == "list":
+        fmt = call.fmt
+        if args:
+            raise UsageError(f"unexpected argument {args[0]!r} (list takes none)")
+        call.print(output.render("mandate", call.client.mandates(), fmt))
+        return EXIT_OK
+    if action == "grant":
+        if len(args) != 1:
+            raise UsageError("usage: grant LOGIN (the MANDATED_USER to act on your behalf)")
+        expires = call.opt("expires")
+        seconds = None
+        if expires is not None:
+            try:
+                seconds = float(expires)
+            except ValueError:
+                raise UsageError(f"--xwexpires: expected seconds, not {expires!r}") from None
+        call.print(_uri(call, call.client.grant_mandate(args[0], seconds, call.opt("mandator"))))
+        return EXIT_OK
+    if action == "revoke":
+        if not args:
+            raise UsageError("usage: revoke URI… (the mandates to end)")
+        for arg in args:
+            call.client.revoke_mandate(uid_of(arg))
+        return EXIT_OK
+    raise UsageError(f"unknown action {action!r}: list, grant or revoke")
+
+
 # -- waiting and explaining ------------------------------------------------------------------------------------------
 
 def op_why(call: Call) -> int:
@@ -906,6 +941,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("events", op_events, "[URI]", "the event log (an object's history)",
             (FORMAT, Opt("limit", "N", "at most N events (default 1000)")), classic=False),
     Command("cancel", op_cancel, "URI…", "stop works for good (they end in ERROR)", classic=False),
+    Command("mandate", op_mandate, "[list] | grant LOGIN [--xwexpires S] [--xwmandator LOGIN] | revoke URI…",
+            "let a MANDATED_USER act on your behalf (--xwonbehalfof), list or end mandates",
+            (FORMAT, Opt("expires", "S", "the mandate ends after S seconds (default: when revoked)"),
+             Opt("mandator", "LOGIN|URI", "administrators: give the mandate for this user")), classic=False),
 )}
 ALIASES = {"jobs": "works"}
 
@@ -914,7 +953,7 @@ def help_text(command: Command, prog: str, xw_mode: bool = False) -> str:
     """The ``--xwhelp`` text of a command."""
     lines = [f"usage: {prog} {command.synopsis}".rstrip(), "", f"{command.summary[0].upper()}{command.summary[1:]}.",
              "", "options:"]
-    opts = [*command.options, CONFIG]
+    opts = [*command.options, CONFIG, ONBEHALF]
     rows = []
     for o in opts:
         spelled = f"--xw{o.name}" + (f" {o.metavar}" if o.metavar else "")

@@ -6,6 +6,7 @@
     ca = "path/to/ca.pem"        # the CA that signed the server's certificate
     login = "alice"
     password = "…"
+    on_behalf_of = "bob"          # optional, for a MANDATED_USER: act for the user who mandated it
 
 Found at ``--xwconfig FILE``, else ``$XW_CONFIG``, else ``~/.xwhep/client.conf``.
 """
@@ -32,6 +33,7 @@ class ClientConfig:
     token: str | None = None
     cert: str | None = None
     key: str | None = None
+    on_behalf_of: str | None = None  # a MANDATED_USER's mandator (login, uid or URI)
     path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -64,7 +66,10 @@ def load(explicit: str | os.PathLike[str] | None = None) -> ClientConfig:
     server = data.get("server")
     if not isinstance(server, str) or not server.startswith(("http://", "https://")):
         raise ConfigError(f"client config {path}: 'server' must be an http(s):// URL")
-    known = {"server", "ca", "login", "password", "token", "cert", "key"}
+    known = {"server", "ca", "login", "password", "token", "cert", "key", "on_behalf_of"}
+    behalf = data.get("on_behalf_of")
+    if behalf is not None and (not isinstance(behalf, str) or not behalf.strip()):
+        raise ConfigError(f"client config {path}: 'on_behalf_of' must be a login, uid or URI")
 
     def rel(key: str) -> str | None:
         value = data.get(key)
@@ -74,5 +79,5 @@ def load(explicit: str | os.PathLike[str] | None = None) -> ClientConfig:
         return str(p if p.is_absolute() else (path.parent / p))
 
     return ClientConfig(server=server.rstrip("/"), ca=rel("ca"), login=data.get("login"), password=data.get("password"),
-                        token=data.get("token"), cert=rel("cert"), key=rel("key"), path=path,
+                        token=data.get("token"), cert=rel("cert"), key=rel("key"), on_behalf_of=behalf, path=path,
                         extra={k: v for k, v in data.items() if k not in known})

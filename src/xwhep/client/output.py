@@ -28,6 +28,7 @@ _LEADING: dict[str, tuple[str, ...]] = {
     "session": ("uid", "label"),
     "group": ("uid", "label"),
     "event": ("time", "action", "object"),
+    "mandate": ("uid", "mandator_login", "mandatary_login", "expires"),
 }
 
 # What ``short`` shows after the URI, per kind.
@@ -40,6 +41,7 @@ _SHORT: dict[str, tuple[str, ...]] = {
     "host": ("name", "os", "cpu", "cores", "memory", "running"),
     "session": ("label",),
     "group": ("label",),
+    "mandate": ("mandator_login", "mandatary_login", "expires"),
 }
 
 _XML_ESCAPES = {'"': "&quot;", "\n": "&#10;", "\r": "&#13;", "\t": "&#9;"}

@@ -78,8 +78,10 @@ class Client:
 
     def __init__(self, server: str, ca: str | None = None, login: str | None = None, password: str | None = None,
                  token: str | None = None, timeout: float = 60.0, cert: str | None = None,
-                 key: str | None = None) -> None:
+                 key: str | None = None, on_behalf_of: str | None = None) -> None:
         self.server = server.rstrip("/")
+        # a MANDATED_USER acting for the user who mandated it: every authenticated request says so
+        self.on_behalf_of = on_behalf_of
         self.base = self.server + "/api/v1"
         self.login_name = login
         self._password = password
@@ -102,8 +104,9 @@ class Client:
     def from_config(cls, path: str | os.PathLike[str] | None = None, **kw: Any) -> Client:
         """Build from a client config file (see :mod:`xwhep.client.config`)."""
         cfg: ClientConfig = load(path)
+        behalf = kw.pop("on_behalf_of", None) or os.environ.get("XW_ON_BEHALF_OF") or cfg.on_behalf_of
         return cls(cfg.server, ca=cfg.ca, login=cfg.login, password=cfg.password, token=cfg.token, cert=cfg.cert,
-                   key=cfg.key, **kw)
+                   key=cfg.key, on_behalf_of=behalf, **kw)
 
     def close(self) -> None:
         self.http.close()
@@ -156,7 +159,10 @@ class Client:
             expired = self._token is None or time.monotonic() >= self._token_expiry
             if expired and self._login_method():
                 self.login()
-            return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+            headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        if self.on_behalf_of:
+            headers["X-Xw-On-Behalf-Of"] = self.on_behalf_of
+        return headers
 
     def _send(self, method: str, path: str, auth: bool = True, **kw: Any) -> httpx.Response:
         url = self.base + path
@@ -450,6 +456,25 @@ class Client:
     def delete_user(self, ref: str) -> None:
         """Remove a user (administrators; a group administrator for members of the group)."""
         self._send("DELETE", f"/users/{uid_of(ref)}")
+
+    def grant_mandate(self, mandatary: str, expires_in: float | None = None,
+                      mandator: str | None = None) -> dict[str, Any]:
+        """Let the MANDATED_USER ``mandatary`` act on your behalf (administrators: on ``mandator``'s), until
+        ``expires_in`` seconds from now or until revoked. Granting again renews it."""
+        body: dict[str, Any] = {"mandatary": mandatary}
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        if mandator is not None:
+            body["mandator"] = mandator
+        return self._json("POST", "/mandates", json=body)  # type: ignore[no-any-return]
+
+    def mandates(self) -> list[dict[str, Any]]:
+        """The mandates you gave or hold (administrators: all)."""
+        return self._json("GET", "/mandates")  # type: ignore[no-any-return]
+
+    def revoke_mandate(self, ref: str) -> None:
+        """End a mandate at once."""
+        self._send("DELETE", f"/mandates/{uid_of(ref)}")
 
     def usergroups(self) -> list[dict[str, Any]]:
         return self._json("GET", "/usergroups")  # type: ignore[no-any-return]

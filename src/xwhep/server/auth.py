@@ -40,6 +40,7 @@ class Identity:
     level: UsageLevel
     usergroup: str | None
     x509_serial: int | None = None  # set when proven by a certificate: its revocation ends the token at once
+    via: str | None = None  # the MANDATED_USER acting on this user's behalf (X-Xw-On-Behalf-Of), if any
 
     @property
     def actor(self) -> Actor:

@@ -36,10 +36,28 @@ async def state_dep(request: Request) -> ServerState:
     return state(request)
 
 
+ON_BEHALF_OF = "x-xw-on-behalf-of"
+
+
 async def identity(request: Request) -> Identity:
-    """The bearer token's identity (ours, or an OpenID Connect issuer's); 401 without a valid one."""
-    ident = await authenticate(state(request), request.headers.get("authorization", ""))
+    """The bearer token's identity (ours, or an OpenID Connect issuer's); 401 without a valid one. With an
+    ``X-Xw-On-Behalf-Of`` header, the identity of the user who mandated the caller (see services/mandates)."""
+    st = state(request)
+    ident = await authenticate(st, request.headers.get("authorization", ""))
     request.state.ident = ident  # for the audit event of a refusal
+    behalf = request.headers.get(ON_BEHALF_OF)
+    if behalf is not None:
+        from xwhep.server.services import mandates
+
+        if not behalf.strip():
+            raise ApiError(400, "X-Xw-On-Behalf-Of: empty; give the mandator's login, uid or URI",
+                           "X-Xw-On-Behalf-Of")
+        what = f"{getattr(request, 'method', 'WEBSOCKET')} {request.url.path}"  # relay channels come here too
+        ident = await st.db.run(mandates.act_for, ident, behalf, what)
+        why = revoked(st, ident)
+        if why:
+            raise ApiError(401, f"X-Xw-On-Behalf-Of: {why}")
+        request.state.ident = ident
     return ident
 
 

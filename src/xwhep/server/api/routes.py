@@ -32,7 +32,7 @@ from xwhep.server.api.models import (
 from xwhep.server.auth import Identity, hash_password, verify_password
 from xwhep.server.db import schema as s
 from xwhep.server.errors import ApiError, bad_request
-from xwhep.server.services import apps, bags, datas, users, works
+from xwhep.server.services import apps, bags, datas, mandates, users, works
 from xwhep.server.services import common as c
 from xwhep.server.state import ServerState
 from xwhep.server.store import StoreError
@@ -270,8 +270,36 @@ async def delete_user(uid: str, ident: Ident, st: St) -> FastJSON:
     return FastJSON({"deleted": c.ref(uid, "uid")})
 
 
+# -- mandates (a user lets a MANDATED_USER act on its behalf: X-Xw-On-Behalf-Of) -------------------------------
+
+@router.post("/mandates", status_code=201)
+async def grant_mandate(body: Annotated[dict[str, Any], Body()], ident: Ident, st: St) -> FastJSON:
+    """``{"mandatary": LOGIN|UID, "expires_in": seconds?, "mandator": LOGIN|UID?}`` (mandator: administrators
+    only; default the caller). Granting again renews the mandate."""
+    if ident.via is not None:  # a mandate is given by its mandator in person, never through another mandate
+        raise ApiError(403, "a mandated request cannot give mandates")
+    return FastJSON(await st.db.run(mandates.grant, ident, body, st.name), status_code=201)
+
+
+@router.get("/mandates")
+async def list_mandates(ident: Ident, st: St) -> FastJSON:
+    """The mandates the caller gave or holds (administrators: all)."""
+    return FastJSON(await st.db.run(mandates.listing, ident, st.name))
+
+
+@router.delete("/mandates/{uid}")
+async def revoke_mandate(uid: str, ident: Ident, st: St) -> FastJSON:
+    """End a mandate at once (its mandator, its mandatary, or an administrator)."""
+    if ident.via is not None:
+        raise ApiError(403, "a mandated request cannot revoke mandates")
+    await st.db.run(mandates.revoke, ident, c.ref(uid, "uid"))
+    return FastJSON({"deleted": c.ref(uid, "uid")})
+
+
 @router.post("/users/{uid}/password")
 async def set_password(uid: str, body: PasswordIn, ident: Ident, st: St) -> FastJSON:
+    if ident.via is not None:  # credentials stay in their owner's hands, whatever the mandate
+        raise ApiError(403, "a mandated request cannot change passwords")
     await st.db.run(users.set_password, ident, c.ref(uid, "uid"), body.password)
     return FastJSON({"updated": c.ref(uid, "uid")})
 

@@ -158,6 +158,15 @@ groups = sa.Table(
     sa.Column("label", sa.String(255), nullable=True),
 )
 
+# A user's mandate to a MANDATED_USER (a portal, a workflow engine): the mandatary may act on the mandator's behalf
+mandates = sa.Table(
+    "mandates", metadata, *_object_columns(),  # owner: the mandator
+    sa.Column("mandator", UID, nullable=False),
+    sa.Column("mandatary", UID, nullable=False, index=True),
+    sa.Column("expires", sa.Float, nullable=True),  # epoch seconds; None: until revoked
+    sa.UniqueConstraint("mandator", "mandatary", name="uq_mandates_pair"),
+)
+
 events = sa.Table(
     "events", metadata,
     sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),

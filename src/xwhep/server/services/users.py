@@ -15,6 +15,7 @@ from xwhep.server.auth import Identity, hash_password
 from xwhep.server.db import schema as s
 from xwhep.server.errors import ApiError, bad_request, conflict, forbidden
 from xwhep.server.services import common as c
+from xwhep.server.services import mandates
 
 
 def create_user(conn: Connection, ident: Identity | None, spec: dict[str, Any], server: str) -> dict[str, Any]:
@@ -117,6 +118,7 @@ def delete_user(conn: Connection, ident: Identity, uid: str) -> None:
                                    and row["uid"] != ident.uid):
         raise ApiError(404, f"no user {uid}")
     conn.execute(s.users.delete().where(s.users.c.uid == uid))
+    mandates.forget_user(conn, uid)
     c.event(conn, ident.uid, "user.delete", uid)
 
 
