@@ -26,6 +26,7 @@ from xwhep.core.uri import BadUri, to_uid
 Progress = Callable[[int], None]
 CHUNK = 1024 * 1024
 FINAL = frozenset({"COMPLETED", "ERROR", "FAILED"})
+WAIT_BATCH = 10_000  # works per long-poll (the server's limit)
 
 
 class XwError(Exception):
@@ -411,24 +412,32 @@ class Client:
 
     def wait(self, refs: Iterable[str], timeout: float | None = None,
              on_change: Callable[[str, str], None] | None = None) -> dict[str, str]:
-        """Block until every work is final (COMPLETED, ERROR, FAILED) or ``timeout``; returns uid → status."""
-        uids = [uid_of(r) for r in refs]
+        """Block until every work is final (COMPLETED, ERROR, FAILED) or ``timeout``; returns uid → status.
+
+        The server answers as soon as a status changes (a long-poll), so this returns when the last work ends,
+        not at the next poll."""
+        uids = list(dict.fromkeys(uid_of(r) for r in refs))
         deadline = None if timeout is None else time.monotonic() + timeout
         status: dict[str, str] = {}
-        delay = 0.05
-        while True:
-            for uid in [u for u in uids if status.get(u) not in FINAL]:
-                new = self.work(uid)["status"]
-                if new != status.get(uid) and on_change:
-                    on_change(uid, new)
-                status[uid] = new
-            if all(status[u] in FINAL for u in uids):
-                return status
-            if deadline is not None and time.monotonic() >= deadline:
-                return status
-            pause = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
-            time.sleep(pause)  # the server has no push channel to clients yet: poll with back-off
-            delay = min(delay * 1.5, 2.0)
+        for start in range(0, len(uids), WAIT_BATCH):
+            chunk = uids[start:start + WAIT_BATCH]
+            while True:
+                left = 30.0 if deadline is None else max(0.0, min(30.0, deadline - time.monotonic()))
+                known = {u: status[u] for u in chunk if u in status}
+                new = self._json("POST", "/works/wait", json={"works": chunk, "known": known, "timeout": left},
+                                 timeout=httpx.Timeout(left + 30.0, connect=15.0))["works"]
+                for uid, st in new.items():
+                    if st != status.get(uid) and on_change:
+                        on_change(uid, st)
+                    status[uid] = st
+                if all(status[u] in FINAL for u in chunk):
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    for rest in range(start + WAIT_BATCH, len(uids), WAIT_BATCH):  # not asked yet: where they stand
+                        status.update(self._json("POST", "/works/wait", json={
+                            "works": uids[rest:rest + WAIT_BATCH], "timeout": 0})["works"])
+                    return status
+        return status
 
     def fetch_result(self, ref: str, dest_dir: str | os.PathLike[str] = ".", progress: Progress | None = None) -> Path:
         """Download a completed work's result into ``dest_dir``; size and sha256 verified."""

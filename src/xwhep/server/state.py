@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from xwhep.core.matching import HostProfile
@@ -14,6 +15,29 @@ from xwhep.server.relay import Hub
 from xwhep.server.scheduler import Scheduler
 from xwhep.server.store import BlobStore
 from xwhep.server.x509 import X509Auth
+
+
+class Signal:
+    """Wakes every waiter at once; costs nothing while nobody waits (it is raised on the hot paths)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._waiters = 0
+
+    def notify(self) -> None:
+        if self._waiters:
+            ev, self._event = self._event, asyncio.Event()
+            ev.set()
+
+    async def wait(self, timeout: float) -> None:
+        """Until the next :meth:`notify` or ``timeout`` seconds."""
+        self._waiters += 1
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters -= 1
 
 
 @dataclass
@@ -40,6 +64,7 @@ class ServerState:
     login_failures_address: FailureLimiter = field(default_factory=lambda: FailureLimiter(20, 60.0))
     revoked_users: set[str] = field(default_factory=set)  # deleted users whose tokens may still be unexpired
     inactive_hosts: set[str] = field(default_factory=set)  # workers whose activation policy says no (alive)
+    work_changes: Signal = field(default_factory=Signal)  # works changed state here (xw wait's long-poll)
     resync_needed: bool = False  # a claim failed mid-way: rebuild the pending index from the database
     x509: X509Auth = field(init=False)  # CA, CRL and login challenges (reads HOME/pki lazily)
     relay: Hub = field(init=False)  # tunnels: control channels and streams (in memory only)

@@ -118,6 +118,15 @@ class Report(Strict):
     result: ResultRef | None = None
 
 
+class WaitIn(Strict):
+    """Long-poll on works' states: answers as soon as one differs from ``known`` (uid → status), all are final,
+    or ``timeout`` seconds passed."""
+
+    works: list[str] = Field(min_length=1, max_length=10_000)
+    known: dict[str, str] = Field(default_factory=dict)
+    timeout: float = Field(30.0, ge=0.0, le=600.0)
+
+
 class ReportsIn(Strict):
     reports: list[Report] = Field(max_length=10_000)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any
 
@@ -15,6 +16,7 @@ from starlette.requests import ClientDisconnect
 
 from xwhep import __version__
 from xwhep.core.rights import Action, BadRights, clamp_to, format_rights, parse_rights
+from xwhep.core.states import is_final
 from xwhep.server.api.deps import FastJSON, identity, state_dep
 from xwhep.server.api.models import (
     AppSpec,
@@ -26,6 +28,7 @@ from xwhep.server.api.models import (
     LoginIn,
     PasswordIn,
     UserSpec,
+    WaitIn,
     WorkSpec,
     dump,
 )
@@ -112,6 +115,31 @@ async def list_works(ident: Ident, st: St, status: str | None = None, label: str
                      after: Annotated[int, Query(ge=0)] = 0) -> FastJSON:
     return FastJSON(await st.db.run(works.listing, ident, st.name, status, label, group, session, app, limit,
                                     after))
+
+
+WAIT_SLICE = 2.0  # a waiting request re-reads the states at least this often (other server processes' changes)
+WAIT_INTERVAL = 0.2  # and at most this often (a thousand reports a second need not mean a thousand reads)
+
+
+@router.post("/works/wait")
+async def wait_works(body: WaitIn, ident: Ident, st: St) -> FastJSON:
+    """Long-poll: uid → status as soon as one work's status differs from ``known``, all are final, or ``timeout``
+    seconds passed (``xw wait`` asks again until its own deadline)."""
+    uids = [c.ref(u, "works") for u in body.works]
+    known = {c.ref(k, "known"): v for k, v in body.known.items()}
+    deadline = time.monotonic() + body.timeout
+    while True:
+        last = time.monotonic()
+        status = await st.db.run(works.statuses, ident, uids)
+        if any(status[u] != known.get(u) for u in uids) or all(is_final(v) for v in status.values()):
+            return FastJSON({"works": status})
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or st.scheduler.closing:
+            return FastJSON({"works": status})
+        await st.work_changes.wait(min(remaining, WAIT_SLICE))
+        pause = min(WAIT_INTERVAL - (time.monotonic() - last), deadline - time.monotonic())
+        if pause > 0:
+            await asyncio.sleep(pause)  # a rate limit, not a synchronisation: the next read happens regardless
 
 
 @router.get("/works/{uid}")

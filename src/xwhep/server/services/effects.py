@@ -66,3 +66,5 @@ class Effects:
             st.store.delete(sha)
         if self.pending:
             sched.notify()
+        if self.pending or self.discard or self.running or self.tasks_ended:
+            st.work_changes.notify()

@@ -347,6 +347,20 @@ def get(conn: Connection, ident: Identity, uid: str, server: str) -> dict[str, A
     return render_work(conn, row, server)
 
 
+def statuses(conn: Connection, ident: Identity, uids: list[str]) -> dict[str, str]:
+    """uid → status of works ``ident`` may read; 404 naming the first that is unknown or unreadable."""
+    rows = {r["uid"]: dict(r) for r in conn.execute(
+        sa.select(s.works.c.uid, s.works.c.owner, s.works.c.access_rights, s.works.c.status)
+        .where(s.works.c.uid.in_(set(uids)))).mappings()}
+    out = {}
+    for uid in uids:
+        row = rows.get(uid)
+        if row is None or not c.allowed(conn, ident, Action.READ, row):
+            raise ApiError(404, f"works: no work {uid}", "works")
+        out[uid] = str(row["status"])
+    return out
+
+
 def render_work(conn: Connection, row: Mapping[str, Any], server: str) -> dict[str, Any]:
     out = c.render(row, server)
     out["app_name"] = conn.execute(sa.select(s.apps.c.name).where(s.apps.c.uid == row["app"])).scalar()
