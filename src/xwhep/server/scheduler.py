@@ -138,10 +138,12 @@ class Scheduler:
         extra: Counter[str] = Counter()
         sets_taken: set[str] = set()
         while len(taken) < k and owners:
-            owner = min(owners, key=lambda o: (self.running[o] + extra[o],
-                                               min(self._head(c) or 0 for _, c in owners[o])))
+            # one owner and one class is the common case (a bag): no comparisons to make
+            owner = next(iter(owners)) if len(owners) == 1 else min(
+                owners, key=lambda o: (self.running[o] + extra[o], min(self._head(c) or 0 for _, c in owners[o])))
             candidates = owners[owner]
-            rank, cls = min(candidates, key=lambda rc: (-rc[0], self._head(rc[1]) or 0))
+            rank, cls = candidates[0] if len(candidates) == 1 else min(
+                candidates, key=lambda rc: (-rc[0], self._head(rc[1]) or 0))
             seq = self._head(cls)
             if seq is None:
                 candidates.remove((rank, cls))
