@@ -1,4 +1,5 @@
-"""The raw data path (a TLS port of the server's own, stream tickets; docs/tunnels.md) and its WebSocket fallback.
+"""The raw data path (a port of the server's own with sealed records, keyed stream tickets; docs/tunnels.md) and
+its WebSocket fallback.
 
 * streams go over raw connections by default, spliced transport to transport in the server;
 * a raw connection with a wrong, replayed or expired ticket is refused with a reason (4401 and why);
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,18 +47,28 @@ def _tickets(conf: Path, n: int = 2) -> dict[str, Any]:
         client.close()
 
 
-def _raw_answer(grid: Grid, port: int, ticket: str, path: str) -> tuple[int, str] | str:
-    """Present ``ticket`` for ``path`` on the raw port: the close (code, reason) it got, or its text answer."""
+def _raw_answer(port: int, ticket: dict[str, str], path: str, key: bytes | None = None,
+                first: bytes | None = None) -> tuple[int, str] | str:
+    """Present ``ticket`` for ``path`` on the raw port (its hello sealed with ``key``, by default the ticket's;
+    or send ``first`` as it is: a replay): the close (code, reason) it got, or its text answer."""
+    opener = None
+
     async def go() -> tuple[int, str] | str:
-        ctx = ssl.create_default_context(cafile=str(grid.server.ca))
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        nonlocal opener
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            writer.write(f"XWRELAY1 {ticket} {path}\n".encode())
-            kind, n = wire.HEADER.unpack(await reader.readexactly(wire.HEADER.size))
+            hello, _, opener = wire.hello(ticket["id"], key or wire.decode_key(ticket["key"]), path)
+            writer.write(first or hello)
+            header = await reader.readexactly(wire.HEADER.size)
+            kind, n = wire.HEADER.unpack(header)
             payload = await reader.readexactly(n)
         finally:
             writer.close()
-        return wire.parse_close(payload) if kind == wire.CLOSE else payload.decode()
+        if kind == wire.CLEAR:
+            return wire.parse_close(payload)
+        assert opener is not None
+        ((fkind, plain),) = wire.Framer().feed(opener.open(header, payload))
+        return wire.parse_close(plain) if fkind == wire.CLOSE else plain.decode()
 
     return asyncio.run(go())
 
@@ -77,11 +87,12 @@ def test_wrong_and_replayed_tickets_are_refused_with_a_reason(grid: Grid) -> Non
     got = _tickets(grid.alice)
     port, (first, second) = got["port"], got["tickets"]
     assert port and got["ttl"] == TICKET_TTL
-    assert _raw_answer(grid, port, "not-a-ticket", "/api/v1/hosts/x/spare") == (4401, "unknown stream ticket")
-    assert _raw_answer(grid, port, first, "/api/v1/nowhere")[0] == 4404  # the ticket is spent on its first use
-    assert _raw_answer(grid, port, first, "/api/v1/nowhere") == (4401, "this stream ticket was already used")
+    bogus = {"id": "not-a-ticket", "key": first["key"]}
+    assert _raw_answer(port, bogus, "/api/v1/hosts/x/spare") == (4401, "unknown stream ticket")
+    assert _raw_answer(port, first, "/api/v1/nowhere")[0] == 4404  # the ticket is spent on its first use
+    assert _raw_answer(port, first, "/api/v1/nowhere") == (4401, "this stream ticket was already used")
     # a good ticket for an endpoint whose checks fail: the endpoint's own refusal (a malformed host uid)
-    assert _raw_answer(grid, port, second, "/api/v1/hosts/bad%20uid/spare")[0] == 4400
+    assert _raw_answer(port, second, "/api/v1/hosts/bad%20uid/spare")[0] == 4400
 
 
 def test_tickets_need_a_token(grid: Grid) -> None:
@@ -95,7 +106,7 @@ def test_an_expired_ticket_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     async def go() -> None:
         hub = Hub(b"secret")
         ident = Identity("u", "alice", UsageLevel.STANDARD_USER, None)
-        ticket, fresh = hub.issue_tickets(ident, 2)
+        (ticket, _), (fresh, _) = hub.issue_tickets(ident, 2)
         assert hub.redeem(fresh) is ident
         now = relay.time.monotonic()
         monkeypatch.setattr(relay.time, "monotonic", lambda: now + TICKET_TTL + 1)
@@ -114,7 +125,7 @@ def test_one_user_cannot_take_every_ticket() -> None:
         hub.issue_tickets(alice, 16)
     assert exc.value.status == 429
     assert len(hub.issue_tickets(bob, 16)) == 16  # others are not affected
-    for t in issued[:16]:
+    for t, _ in issued[:16]:
         assert hub.redeem(t) is alice
     assert len(hub.issue_tickets(alice, 16)) == 16  # used tickets make room again
 
@@ -134,7 +145,7 @@ def test_an_unreachable_raw_port_falls_back_to_websockets(grid: Grid, tcpserv: t
         dialer = Dialer(client, cfg.ca)
         fetch = Dialer._ticket
 
-        async def ticket(self: Dialer, force: bool = False) -> str | None:
+        async def ticket(self: Dialer, force: bool = False) -> tuple[str, bytes] | None:
             t = await fetch(self, force)
             self.raw_port = closed_port
             return t

@@ -5,13 +5,14 @@ wire format is the relay's (:mod:`xwhep.server.relay`): binary messages carry th
 ``eof`` says "no more data from this side" (TCP half-close), closing the WebSocket ends the stream (1000 when
 both sides said eof; 4xxx with a reason on failure).
 
-Both ends dial ahead to keep TLS handshakes off a new connection's path: an initiator keeps one WebSocket ready
-per destination (:class:`Ahead`) and sends ``open`` when a connection arrives; a target keeps spare WebSockets
-(:class:`Spares`) that the server hands new streams to.
+Both ends dial ahead to keep connection set-up off a new connection's path: an initiator keeps one connection
+ready per destination (:class:`Ahead`) and sends ``open`` when a connection arrives; a target keeps spare
+connections (:class:`Spares`) that the server hands new streams to.
 
 Those connections dialed ahead are *raw* ones (:class:`RawStream`, :mod:`xwhep.core.relaywire`) when the server
-has a reachable raw relay port: same messages, no WebSocket framing, and :func:`splice` joins them with the local
-socket transport to transport. Otherwise (no raw port, or not reachable from here) they are WebSockets.
+has a reachable raw relay port: plain TCP with sealed records (AES-GCM, keys from the stream tickets fetched over
+HTTPS and from the server's sealed answers), same messages, and :func:`splice` joins them with the local socket
+transport to transport. Otherwise (no raw port, or not reachable from here) they are WebSockets (TLS).
 """
 
 from __future__ import annotations
@@ -45,14 +46,18 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_REFUSED = 4502  # the target's local side refused (nothing listens on that port)
 FRESH = 240.0  # seconds a WebSocket dialed ahead is used (the server drops idle ones after 300)
 CLOSE_WAIT = 2.0  # seconds a close may take before the connection is aborted
-# A used WebSocket dialed ahead is replaced after this delay, not at once: its TLS handshake costs milliseconds of
-# CPU on both ends, which would otherwise compete with the first bytes of the stream that just used it.
+# A used connection dialed ahead is replaced after this delay, not at once: its set-up (a TLS handshake for a
+# WebSocket; a TCP connect and a sealed hello for a raw one) would otherwise compete with the first bytes of the
+# stream that just used it.
 REFILL_DELAY = 0.01
 RAW_WRITE_HIGH = 1 << 20  # bytes queued towards one side before the other side stops being read
 RAW_INBOX = 4 << 20  # bytes of a raw stream received before its splice began, before reading stops
 RAW_RETRY = 60.0  # seconds the raw port is not tried again after it could not be reached
 TICKET_BATCH = 4  # stream tickets fetched at once (each process dialing ahead holds a few unused)
 RAW_READ = 256 * 1024  # bytes read at once from a raw connection or a spliced local socket
+# Buffers start small and grow to RAW_READ once reads fill them: a new stream's path allocates (and the kernel
+# zeroes) no quarter-MiB buffers; a bulk transfer gets big reads after its first few.
+RAW_FIRST = 16 * 1024
 RAW_CONNECT_TIMEOUT = 5.0  # seconds to reach the raw port (a firewall may drop what it does not allow)
 
 
@@ -93,22 +98,23 @@ class Dialer:
         if self.base.startswith("wss://"):
             self.ssl = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
         self.host = urlsplit(client.server).hostname or "127.0.0.1"
-        self.tickets: list[tuple[float, str]] = []  # (expiry, ticket) for raw connections
+        self.tickets: list[tuple[float, str, bytes]] = []  # (expiry, ticket, its key) for raw connections
         self.raw_port: int | None = None
         self.raw_off_until = 0.0  # monotonic time before which the raw port is not tried
         self._ticket_lock: asyncio.Lock | None = None
 
-    async def _ticket(self, force: bool = False) -> str | None:
-        """A stream ticket (fetched a few at a time); None when the server has no raw port."""
+    async def _ticket(self, force: bool = False) -> tuple[str, bytes] | None:
+        """A stream ticket and its key (fetched a few at a time over HTTPS); None when the server has no raw
+        port."""
         now = time.monotonic()
-        self.tickets = [(exp, t) for exp, t in self.tickets if exp > now + 5]
+        self.tickets = [t for t in self.tickets if t[0] > now + 5]
         if self.tickets and not force:
-            return self.tickets.pop()[1]
+            return self.tickets.pop()[1:]
         if self._ticket_lock is None:
             self._ticket_lock = asyncio.Lock()
         async with self._ticket_lock:
             if self.tickets and not force:
-                return self.tickets.pop()[1]
+                return self.tickets.pop()[1:]
 
             def fetch() -> dict[str, Any]:
                 r = self.client.http.post(self.client.base + "/relay/tickets", params={"n": TICKET_BATCH},
@@ -128,8 +134,12 @@ class Dialer:
                 self.raw_off_until = time.monotonic() + RAW_RETRY
                 return None
             expiry = time.monotonic() + float(got.get("ttl") or 60)
-            self.tickets = [(expiry, str(t)) for t in got.get("tickets", [])]
-            return self.tickets.pop()[1] if self.tickets else None
+            try:
+                self.tickets = [(expiry, str(t["id"]), wire.decode_key(str(t["key"]))) for t in got.get("tickets", [])]
+            except (TypeError, KeyError, wire.WireError):  # an older server (tickets without keys): WebSockets
+                self.tickets = []
+                self.raw_off_until = time.monotonic() + RAW_RETRY
+            return self.tickets.pop()[1:] if self.tickets else None
 
     async def open_raw(self, path: str, params: dict[str, str] | None = None) -> RawStream | None:
         """A raw connection to the server's raw relay port standing for the WebSocket endpoint ``path``; None
@@ -144,13 +154,12 @@ class Dialer:
                 return None
             loop = asyncio.get_running_loop()
             try:
-                _, stream = await asyncio.wait_for(loop.create_connection(
-                    RawStream, self.host, self.raw_port, ssl=self.ssl,
-                    server_hostname=self.host if self.ssl is not None else None), RAW_CONNECT_TIMEOUT)
-            except (OSError, TimeoutError, ssl.SSLError):  # not reachable (a firewall, a proxy): WebSockets
+                _, stream = await asyncio.wait_for(loop.create_connection(RawStream, self.host, self.raw_port),
+                                                   RAW_CONNECT_TIMEOUT)
+            except (OSError, TimeoutError):  # not reachable (a firewall, a proxy): WebSockets
                 self.raw_off_until = time.monotonic() + RAW_RETRY
                 return None
-            stream.send_nowait_line(f"{wire.MAGIC.decode()} {ticket} {target}\n".encode())
+            stream.hello(ticket[0], ticket[1], target)
             try:
                 first = await asyncio.wait_for(stream.recv(), 30)
             except TimeoutError:
@@ -478,38 +487,19 @@ async def refuse_local(ws: Conn, reason: str) -> None:
 
 # -- raw connections (the fast data path: xwhep.core.relaywire) ------------------------------------------------------
 
-class _Reader(asyncio.BufferedProtocol):
-    """Reads into one reusable buffer. A read handed to a transport that kept a view of it (it could not send it
-    all at once; TLS transports encrypt before ``write`` returns, plain ones may queue) gets a new buffer."""
-
-    _buf: bytearray
-    _view: memoryview
-
-    def _new_buffer(self) -> None:
-        self._buf = bytearray(RAW_READ)
-        self._view = memoryview(self._buf)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        view = self._view
-        self.data_received(view[:nbytes])
-        target = self._target()
-        if target is not None and target.get_write_buffer_size() and target.get_extra_info("sslcontext") is None:
-            self._new_buffer()
-
-    def _target(self) -> asyncio.Transport | None:
-        return None
-
-    def data_received(self, data: memoryview) -> None:
-        raise NotImplementedError
+CLOSE_BROKEN = 1002  # a record failed authentication (or broke the format): the stream is aborted
+LOST = "the relay connection was lost (no sealed end of stream)"
 
 
-class RawStream(_Reader):
-    """A raw relay connection, with the part of a websockets ``ClientConnection`` the relay code uses
-    (``send``, ``recv``, ``close``, ``state``, ``close_code``…); :meth:`splice` joins it with a local socket
-    transport to transport, without a Python object per message."""
+class RawStream(asyncio.BufferedProtocol):
+    """A raw relay connection (sealed records, :mod:`xwhep.core.relaywire`), with the part of a websockets
+    ``ClientConnection`` the relay code uses (``send``, ``recv``, ``close``, ``state``, ``close_code``…);
+    :meth:`splice` joins it with a local socket transport to transport, without a Python object per message.
+
+    Records are read whole into one buffer (a read asks for the rest of the current record and the next header)
+    and opened into another, whose data frames go to the local socket as they are. A record that fails
+    authentication, a clear record after a sealed one, or a broken format ends the stream (close code 1002 and
+    why); a TCP close without a sealed close is reported as lost (1006), never as a clean end."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
@@ -524,10 +514,19 @@ class RawStream(_Reader):
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
         self.local: _Local | None = None
-        self._new_buffer()
-
-    def _target(self) -> asyncio.Transport | None:
-        return self.local.transport if self.local is not None else None
+        self.tx: wire.Sealer | None = None  # what this side seals (ticket key, then the stream's)
+        self.rx: wire.Opener | None = None
+        self.sealed_seen = False  # a sealed record came: clear records are not believed any more
+        self._tx_next: wire.Sealer | None = None  # an initiator's stream keys, taken after "open" / "ok"
+        self._rx_next: wire.Opener | None = None
+        self._spare = False  # accepted without a key: a spare, the stream key comes with the offer
+        self._inbox_full = False  # reading paused: too much received before a splice or a recv took it
+        self._rbuf = bytearray(RAW_FIRST)  # records as received
+        self._rview = memoryview(self._rbuf)
+        self._start = 0  # the current record's first byte in _rbuf
+        self._fill = 0  # bytes in _rbuf
+        self._pbuf = bytearray(RAW_FIRST)  # an opened record
+        self._pview = memoryview(self._pbuf)
 
     # -- websockets-like ---------------------------------------------------------------------------------------------
     @property
@@ -547,17 +546,26 @@ class RawStream(_Reader):
     def _closed(self) -> ConnectionClosed:
         return ConnectionClosed(self.rcvd, self.sent)
 
-    def send_nowait_line(self, data: bytes) -> None:
-        self.transport.write(data)
+    def hello(self, ticket: str, key: bytes, target: str) -> None:
+        """Present ``ticket`` for the endpoint ``target``: the first line and the hello sealed with its key."""
+        first, self.tx, self.rx = wire.hello(ticket, key, target)
+        self.transport.write(first)
+
+    def _write(self, plain: bytes, final: bool = False) -> None:
+        assert self.tx is not None
+        self.transport.write(self.tx.seal(plain, final))
 
     async def send(self, message: str | bytes | bytearray | memoryview) -> None:
         if self.state is not State.OPEN:
             raise self._closed()
         if isinstance(message, str):
-            self.transport.write(wire.frame(wire.TEXT, message.encode()))
+            self._write(wire.frame(wire.TEXT, message.encode()))
+            if message == "open" and self._tx_next is not None:  # the last record under the ticket key
+                self.tx, self._tx_next = self._tx_next, None
         else:
-            self.transport.write(wire.HEADER.pack(wire.BIN, len(message)))
-            self.transport.write(bytes(message))
+            view = memoryview(message)
+            for i in range(0, max(len(view), 1), wire.MAX_FRAME):
+                self._write(wire.frame(wire.BIN, view[i:i + wire.MAX_FRAME]))
         if self._paused:
             self._drain = asyncio.get_running_loop().create_future()
             await self._drain
@@ -570,13 +578,16 @@ class RawStream(_Reader):
             await self._waiter
         msg = self.inbox.popleft()
         self.inbox_bytes -= len(msg)
+        if self._inbox_full and self.inbox_bytes < RAW_INBOX // 2 and self.local is None and not self.lost:
+            self._inbox_full = False
+            self.transport.resume_reading()
         return msg
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self.sent is None and not self.lost:
             self.sent = Close(code, reason)
-            if self.rcvd is None:
-                self.transport.write(wire.close_frame(code, reason))
+            if self.rcvd is None and self.tx is not None:
+                self._write(wire.close_frame(code, reason), final=True)
             self.transport.close()
         await self.wait_closed()
 
@@ -591,36 +602,172 @@ class RawStream(_Reader):
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
         self.transport = transport
         transport.set_write_buffer_limits(high=RAW_WRITE_HIGH)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def data_received(self, data: memoryview) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        start, fill = self._start, self._fill
+        have = fill - start
+        size = len(self._rbuf)
+        if have >= wire.HEADER.size:  # the rest of this record and the next header
+            length = min(wire.HEADER.unpack_from(self._rbuf, start)[1], wire.MAX_RECORD)
+            want = 2 * wire.HEADER.size + length - have
+        else:  # whatever room there is
+            if start and size - fill < 2 * wire.HEADER.size:
+                self._rbuf[:have] = self._rbuf[start:fill]
+                self._start, self._fill = start, fill = 0, have
+            want = size - fill
+        if fill + want > size:
+            if start:  # move the incomplete record to the front
+                self._rbuf[:have] = self._rbuf[start:fill]
+                self._start, self._fill = start, fill = 0, have
+            if fill + want > size:  # a bigger record than so far
+                buf = bytearray(fill + want)
+                buf[:fill] = self._rbuf[:fill]
+                self._rbuf, self._rview = buf, memoryview(buf)
+        return self._rview[fill:fill + want]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        fill = self._fill + nbytes
+        self._fill = fill
+        start = self._start
+        buf, view = self._rbuf, self._rview
+        size = wire.HEADER.size
+        while fill - start >= size:
+            kind, length = wire.HEADER.unpack_from(buf, start)
+            end = start + size + length
+            try:
+                wire.check_header(kind, length)
+            except wire.WireError as exc:
+                self._fail(f"the relay broke the record format: {exc}")
+                return
+            if end > fill:
+                break
+            self._record(kind, view[start:start + size], view[start + size:end])
+            if self.lost or (self.rcvd is not None and self.rcvd.code == CLOSE_BROKEN):
+                return
+            start = end
+        if start == fill:
+            start = self._fill = 0
+        self._start = start
+
+    def _record(self, kind: bytes, header: memoryview, body: memoryview) -> None:
+        if kind == wire.CLEAR:  # a refusal before any key: believed only before the first sealed record
+            if self.sealed_seen:
+                self._fail("a clear record from the relay after sealed ones (tampered with?)")
+            elif self.rcvd is None:
+                self._got_close(Close(*wire.parse_close(bytes(body))))
+            return
+        rx = self.rx
+        if rx is None:
+            self._fail("a sealed record before the hello")
+            return
+        size = len(body) - wire.TAG
+        if size > len(self._pbuf):
+            self._pbuf = bytearray(size)
+            self._pview = memoryview(self._pbuf)
         try:
-            frames = self.framer.feed(data)
+            n = rx.open_into(header, body, self._pview)
         except wire.WireError:
-            self.transport.abort()
+            self._fail("a relay record failed authentication (tampered with, replayed or reflected?)")
+            return
+        self.sealed_seen = True
+        if self.rcvd is not None:
             return
         local = self.local
-        for kind, payload in frames:
-            if kind == wire.CLOSE:
-                self.rcvd = Close(*wire.parse_close(payload))
-                if local is not None:
-                    local.relay_closed()
-            elif local is not None:
-                if payload == b"eof":
+        try:
+            frames = self.framer.feed(self._pview[:n])
+            if not self.framer.at_boundary:
+                raise wire.WireError("a record ends inside a frame")
+        except wire.WireError as exc:
+            self._fail(f"the relay broke the frame format: {exc}")
+            return
+        for fkind, payload in frames:
+            if fkind == wire.CLOSE:
+                if self.rcvd is None:
+                    self._got_close(Close(*wire.parse_close(payload)))
+            elif self.rcvd is not None:
+                pass
+            elif fkind == wire.TEXT:
+                text = self._text(payload.decode(errors="replace"))
+                if local is None:
+                    if text is not None:
+                        self.inbox.append(text)
+                        self.inbox_bytes += len(text)
+                elif text == EOF:
                     local.relay_eof()
-            elif self.rcvd is None:
-                self.inbox.append(payload if kind == wire.BIN else payload.decode(errors="replace"))
+            elif local is not None:
+                pass  # (data frames went to the local socket as the framer found them)
+            else:
+                self.inbox.append(payload)
                 self.inbox_bytes += len(payload)
-        if local is None and self.inbox_bytes > RAW_INBOX:
+        if local is not None:
+            if local.transport.get_write_buffer_size():  # it keeps views of _pbuf until they are sent
+                self._pbuf = bytearray(len(self._pbuf))
+                self._pview = memoryview(self._pbuf)
+        elif self.inbox_bytes > RAW_INBOX and not self._inbox_full:
+            self._inbox_full = True
             self.transport.pause_reading()
+        self._wake()
+
+    def _text(self, text: str) -> str | None:
+        """A control message: the key changes happen here, between two records (even with a splice going on:
+        ``xwproxy`` splices before the ``ok``). The message to pass on, None on failure."""
+        if text.startswith(wire.ACCEPTED):
+            given = text[len(wire.ACCEPTED) + 1:]
+            if given:  # an initiator: its stream's key, used after its "open" (sending) and the "ok" (receiving)
+                try:
+                    i2a, a2i = wire.stream_keys(wire.decode_key(given))
+                except wire.WireError:
+                    self._fail("a malformed stream key")
+                    return None
+                self._tx_next, self._rx_next = wire.Sealer(i2a), wire.Opener(a2i)
+            else:
+                self._spare = True
+            text = wire.ACCEPTED
+        elif text == "ok" and self._rx_next is not None:
+            self.rx, self._rx_next = self._rx_next, None
+        elif self._spare and text.startswith("{"):
+            try:
+                msg = json.loads(text)
+                key = wire.decode_key(str(msg.pop("key")))
+            except (ValueError, KeyError, TypeError, AttributeError, wire.WireError):
+                self._fail("an offer without a stream key")
+                return None
+            i2a, a2i = wire.stream_keys(key)
+            self.rx, self.tx = wire.Opener(i2a), wire.Sealer(a2i)
+            self._spare = False
+            text = json.dumps(msg)
+        return text
+
+    def _got_close(self, close: Close) -> None:
+        self.rcvd = close
+        if self.local is not None:
+            self.local.relay_closed()
+        self._wake()
+
+    def _fail(self, why: str) -> None:
+        """End the stream at once: the relay connection cannot be trusted any more."""
+        if self.rcvd is None or self.rcvd.code != CLOSE_BROKEN:
+            self.rcvd = Close(CLOSE_BROKEN, why[:120])
+        if self.local is not None:
+            self.local.relay_closed()
+        self._wake()
+        self.transport.abort()
+
+    def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self.rcvd is None and self.sent is None:
+            self.rcvd = Close(1006, LOST)
         if not self._lost.done():
             self._lost.set_result(None)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._wake()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         if self.local is not None:
@@ -665,7 +812,7 @@ class RawStream(_Reader):
         local.reset()
         if kind == "closed":
             if c is None:
-                return StreamError("the server closed the connection")
+                return StreamError(LOST)
             return StreamError(c.reason or f"the stream was closed (code {c.code})",
                                c.code - 4000 if 4000 <= c.code < 5000 else None)
         if kind == "refused":
@@ -675,8 +822,13 @@ class RawStream(_Reader):
         return StreamError(f"local connection failed: {detail}")
 
 
-class _Local(_Reader):
-    """The local side of a raw splice: bytes up to the relay as frames, the relay's down as they come."""
+class _Local(asyncio.BufferedProtocol):
+    """The local side of a raw splice: each read sealed into one record up to the relay, the relay's data
+    frames down as they are opened.
+
+    A read lands behind room for its frame header, and is sealed from there into a record buffer (header, frame,
+    tag) written at once. The record buffer is replaced when the relay's transport keeps a view of it (it
+    could not send it all at once)."""
 
     def __init__(self, relay: RawStream, verdict: str | None, done: asyncio.Future[tuple[str, str]]) -> None:
         self.relay = relay
@@ -685,32 +837,36 @@ class _Local(_Reader):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self.up_eof = False
         self.down_eof = False
-        self._payload: memoryview
-        self._new_buffer()
+        self._size = RAW_FIRST  # bytes of a read (grows to RAW_READ)
+        self._new_buffers()
 
-    def _target(self) -> asyncio.Transport | None:
-        return self.relay.transport
+    def _new_buffers(self) -> None:
+        self._pbuf = bytearray(wire.HEADER.size + self._size)
+        self._pview = memoryview(self._pbuf)
+        self._payload = self._pview[wire.HEADER.size:]
+        self._new_out()
 
-    # The local bytes are read behind room for their frame header, so that header and payload go to the relay in
-    # one write: one run of TLS records per read, not a 5-byte record of its own before each.
-    def _new_buffer(self) -> None:
-        self._buf = bytearray(wire.HEADER.size + RAW_READ)
-        self._view = memoryview(self._buf)
-        self._payload = self._view[wire.HEADER.size:]
+    def _new_out(self) -> None:
+        self._out = bytearray(2 * wire.HEADER.size + self._size + wire.TAG)
+        self._oview = memoryview(self._out)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._payload
 
     def buffer_updated(self, nbytes: int) -> None:
         relay = self.relay
-        if self.verdict is not None or relay.state is not State.OPEN:
+        if self.verdict is not None or relay.state is not State.OPEN or relay.tx is None:
             self.data_received(self._payload[:nbytes])
-        else:
-            wire.HEADER.pack_into(self._buf, 0, wire.BIN, nbytes)
-            relay.transport.write(self._view[:wire.HEADER.size + nbytes])
+            return
+        wire.HEADER.pack_into(self._pbuf, 0, wire.BIN, nbytes)
+        k = relay.tx.seal_into(self._oview, self._pview[:wire.HEADER.size + nbytes])
         target = relay.transport
-        if target.get_write_buffer_size() and target.get_extra_info("sslcontext") is None:
-            self._new_buffer()  # a plain transport kept a view of the buffer: do not overwrite it
+        target.write(self._oview[:k])
+        if nbytes == self._size < RAW_READ:  # reads fill the buffer: bigger ones
+            self._size = min(4 * self._size, RAW_READ)
+            self._new_buffers()
+        elif target.get_write_buffer_size():
+            self._new_out()  # the transport keeps a view of the record until it is sent
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
@@ -718,19 +874,15 @@ class _Local(_Reader):
         transport.set_write_buffer_limits(high=RAW_WRITE_HIGH)
         relay = self.relay
         relay.local = self
-        while relay.inbox:  # what came before the splice began: whole messages, then a frame's beginning
+        while relay.inbox:  # what came before the splice began (whole messages: records end on frames)
             msg = relay.inbox.popleft()
             if isinstance(msg, bytes):
                 transport.write(msg)
             elif msg == "eof":
                 self.relay_eof()
-        framer = relay.framer
-        if framer.kind == wire.BIN:
-            if framer.cur:
-                transport.write(bytes(framer.cur))
-            framer.cur = None
-        framer.on_data = transport.write
+        relay.framer.on_data = transport.write
         relay.inbox_bytes = 0
+        relay._inbox_full = False
         relay.transport.resume_reading()
         if relay._paused:
             transport.pause_reading()
@@ -743,24 +895,25 @@ class _Local(_Reader):
 
     def data_received(self, data: memoryview) -> None:
         if self.verdict is not None:  # the local side says first whether it could connect
-            if data[:1] != b"K":
+            if bytes(data[:1]) != b"K":
                 self._end("refused", self.verdict)
                 return
             self.verdict = None
             data = data[1:]
             if not data:
                 return
-        if self.relay.state is State.OPEN:
-            self.relay.transport.write(wire.HEADER.pack(wire.BIN, len(data)))
-            self.relay.transport.write(data)
+        relay = self.relay
+        if relay.state is State.OPEN and relay.tx is not None:
+            relay._write(wire.frame(wire.BIN, data))
 
     def eof_received(self) -> bool:
         if self.verdict is not None:
             self._end("refused", self.verdict)
             return True
         self.up_eof = True
-        if self.relay.state is State.OPEN:
-            self.relay.transport.write(wire.frame(wire.TEXT, b"eof"))
+        relay = self.relay
+        if relay.state is State.OPEN and relay.tx is not None:
+            relay._write(wire.frame(wire.TEXT, b"eof"))
         if self.down_eof:
             self._end("clean")
         return True  # half-close: keep writing what the relay sends

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import socket
-import ssl
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -123,11 +122,8 @@ def serve(cfg: ServerConfig) -> None:
         if relay_sock is not None:
             from xwhep.server.api.relay import raw_stream
 
-            ctx = None
-            if material is not None:  # the raw relay port speaks TLS with the server's own certificate
-                ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                ctx.load_cert_chain(str(material.cert), str(material.key))
-            await st.relay.serve_raw(relay_sock, ctx, lambda side, ticket, target: raw_stream(st, side, ticket, target))
+            # plain TCP carrying sealed records, keyed by the tickets the HTTPS API hands out (relaywire)
+            await st.relay.serve_raw(relay_sock, lambda side, hello: raw_stream(st, side, hello))
             print(f"xwhep server: raw relay port {st.relay.raw_port}", flush=True)
         info = {"url": url, "pid": os.getpid(), "home": str(cfg.home), "ca": ca, "relay_port": st.relay.raw_port}
         (cfg.home / "server.json").write_text(json.dumps(info))

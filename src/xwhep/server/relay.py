@@ -25,12 +25,14 @@ Without a spare the hub falls back to the control channel and a fresh ``/relay/S
 and idle initiators are closed after :data:`SPARE_TTL` (their peers dial new ones).
 
 The fast data path: initiators and spares may be *raw connections* (:class:`RawSide`, format in
-:mod:`xwhep.core.relaywire`) on a port of the hub's own (:meth:`Hub.serve_raw`), opened with a one-time stream
-ticket (:meth:`Hub.issue_tickets`, asked for with the bearer token) and served by the same endpoint code as the
-WebSockets. Two raw connections are spliced transport to transport (:meth:`Hub._pipe`), with no Python object
-per message. A listener of its own rather than uvicorn's connection taken over after a handshake: it depends on
-no private part of uvicorn, and a server reachable on one port only still works (clients fall back to the
-WebSockets).
+:mod:`xwhep.core.relaywire`) on a port of the hub's own (:meth:`Hub.serve_raw`): plain TCP carrying sealed
+records, opened with a one-time stream ticket and its key (:meth:`Hub.issue_tickets`, asked for with the bearer
+token over HTTPS; :meth:`Hub.hello` opens the connection's sealed hello) and served by the same endpoint code as
+the WebSockets. Two raw connections are spliced transport to transport (:meth:`Hub._pipe`): the records pass as
+they are, never decrypted (the server draws each stream's key and hands it to both ends in their sealed
+messages, so it can still seal a close of its own at a record boundary). A listener of its own rather than
+uvicorn's connection taken over after a handshake: it depends on no private part of uvicorn, and a server
+reachable on one port only still works (clients fall back to the WebSockets).
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ MAX_USER_TICKETS = 10_000  # outstanding stream tickets of one user (beyond: Web
 RAW_HEADER_TIMEOUT = 10.0  # seconds a raw connection has to present its ticket
 RAW_INBOX = 4 << 20  # bytes a raw connection may have waiting before the server stops reading it
 RAW_WRITE_HIGH = 1 << 20  # bytes queued towards a raw connection before its source stops being read
-RAW_READ = 256 * 1024 + 256  # read buffer of a raw connection (the TLS layer decrypts up to 256 KiB at once)
+RAW_READ = 256 * 1024 + 256  # read buffer of a spliced raw connection (a sealed record of 256 KiB and a header)
+RAW_FIRST = 16 * 1024  # the first one (it grows once reads fill it: nothing big to allocate on a stream's path)
 
 
 class Refused(Exception):
@@ -124,6 +127,7 @@ class Stream:
     bytes_up: int = 0  # initiator → acceptor
     bytes_down: int = 0
     raw: bool = False  # spliced raw connection to raw connection (the fast path)
+    key: bytes | None = None  # the stream key (a raw initiator's, or drawn for a raw spare)
 
 
 def _relay_code(code: int) -> int:
@@ -163,9 +167,10 @@ class Hub:
         self._events: list[dict[str, Any]] = []
         self.verdicts: dict[tuple[Any, ...], tuple[float, Any]] = {}  # recent accepted rights checks (api/relay)
         self._flush: asyncio.Task[None] | None = None
-        self.tickets: dict[str, tuple[float, Identity]] = {}  # stream ticket → (expiry, identity)
-        self.used_tickets: dict[str, float] = {}  # redeemed tickets (→ expiry), to say "already used"
+        self.tickets: dict[str, tuple[float, Identity, bytes]] = {}  # stream ticket → (expiry, identity, key)
+        self.used_tickets: dict[str, tuple[float, str]] = {}  # redeemed tickets (→ expiry, user), "already used"
         self._purged = 0.0
+        self._reported: set[str] = set()  # tickets whose refused hello is already an event (one each)
         self._ticket_counts: dict[str, int] = {}  # outstanding tickets per user uid
         self.raw_port: int | None = None  # the raw relay port, once listening
         self._raw_server: asyncio.AbstractServer | None = None
@@ -260,7 +265,13 @@ class Hub:
                 continue
             spare.taken.set()
             try:
-                await spare.ws.send_text(json.dumps({"op": "open", "stream": s.sid, **offer}))
+                msg = {"op": "open", "stream": s.sid, **offer}
+                if isinstance(spare.ws, RawSide):  # the stream key goes with the offer, sealed with the ticket key
+                    if s.key is None:
+                        s.key = secrets.token_bytes(wire.KEY_SIZE)
+                    spare.ws.offer(json.dumps({**msg, "key": wire.encode_key(s.key)}), s.key)
+                else:
+                    await spare.ws.send_text(json.dumps(msg))
             except Exception:  # gone meanwhile: try the next one
                 spare.done.set()
                 continue
@@ -271,14 +282,14 @@ class Hub:
 
     # -- streams -----------------------------------------------------------------------------------------------------
     async def connect(self, ch: Channel, offer: dict[str, Any], work: str | None = None,
-                      task: str | None = None) -> Stream:
+                      task: str | None = None, key: bytes | None = None) -> Stream:
         """Ask ``ch``'s peer to open a stream and wait until it joined (its WebSocket is ``stream.acceptor``):
         through a spare if it keeps one, else through the control channel."""
         if ch.streams + sum(1 for s in self.pending.values() if s.channel is ch) >= self.max_streams:
             raise Refused(503, f"too many streams through this {ch.kind} (at most {self.max_streams})")
         sid = secrets.token_urlsafe(18)
         loop = asyncio.get_running_loop()
-        s = Stream(sid, ch, loop.create_future(), work=work, task=task)
+        s = Stream(sid, ch, loop.create_future(), work=work, task=task, key=key)
         acceptor = await self._claim(ch, s, offer)
         if acceptor is not None:
             s.acceptor.set_result(acceptor)
@@ -320,6 +331,9 @@ class Hub:
         acceptor = s.acceptor.result()
         if isinstance(initiator, RawSide) and isinstance(acceptor, RawSide):
             return await self._pipe(s, initiator, acceptor, still_valid)
+        for side in (initiator, acceptor):
+            if isinstance(side, RawSide):
+                side.unhold()
 
         async def pump(src: Side, dst: Side, up: bool) -> tuple[int, str]:
             receive, send = src.receive, dst.send
@@ -403,13 +417,14 @@ class Hub:
                         if why:
                             code, reason = CLOSE_WORK_ENDED, why
                             for src, dst in ((a, b), (b, a)):
-                                if src.framer.at_boundary:  # else the close would land inside a frame
-                                    dst.write(wire.close_frame(code, why))
+                                if src.at_record_boundary:  # else the close would land inside a record
+                                    dst._seal_close(code, why)
                             break
         finally:
             s.bytes_up += a.count
             s.bytes_down += b.count
-            a.peer = b.peer = None
+            a.unlink()
+            b.unlink()
             a.shut()
             b.shut()
             self.active.pop(s.sid, None)
@@ -418,8 +433,9 @@ class Hub:
         return code, reason
 
     # -- stream tickets (raw connections) ----------------------------------------------------------------------------
-    def issue_tickets(self, ident: Identity, n: int) -> list[str]:
-        """``n`` one-time tickets that open raw connections as ``ident`` (asked for with its bearer token)."""
+    def issue_tickets(self, ident: Identity, n: int) -> list[tuple[str, bytes]]:
+        """``n`` one-time tickets that open raw connections as ``ident`` (asked for with its bearer token), each
+        with its key (it seals the connection's hello; never sent on the raw port)."""
         now = time.monotonic()
         if now - self._purged > 1.0:
             self._purged = now
@@ -430,14 +446,15 @@ class Hub:
                 else:
                     self._count_tickets(v[1].uid, -1)
             self.tickets = kept
-            self.used_tickets = {t: exp for t, exp in self.used_tickets.items() if exp > now - TICKET_TTL}
+            self.used_tickets = {t: v for t, v in self.used_tickets.items() if v[0] > now - TICKET_TTL}
+            self._reported = {t for t in self._reported if t in self.tickets or t in self.used_tickets}
         if len(self.tickets) + n > MAX_TICKETS:
             raise Refused(503, "too many stream tickets outstanding: use the WebSocket endpoints")
         if self._ticket_counts.get(ident.uid, 0) + n > MAX_USER_TICKETS:  # one user cannot use them all up
             raise Refused(429, f"too many stream tickets outstanding for {ident.login}: use them first")
-        out = [secrets.token_urlsafe(24) for _ in range(n)]
-        for t in out:
-            self.tickets[t] = (now + TICKET_TTL, ident)
+        out = [(secrets.token_urlsafe(24), secrets.token_bytes(wire.KEY_SIZE)) for _ in range(n)]
+        for t, key in out:
+            self.tickets[t] = (now + TICKET_TTL, ident, key)
         self._count_tickets(ident.uid, n)
         return out
 
@@ -456,19 +473,45 @@ class Hub:
             if ticket in self.used_tickets:
                 return "this stream ticket was already used"
             return "unknown stream ticket"
-        self.used_tickets[ticket] = hit[0]
+        self.used_tickets[ticket] = (hit[0], hit[1].uid)
         self._count_tickets(hit[1].uid, -1)
         if hit[0] < now:
             return "this stream ticket expired"
         return hit[1]
 
-    async def serve_raw(self, sock: Any, ssl_context: Any,
-                        dispatch: Callable[[RawSide, str, str], Awaitable[None]]) -> None:
-        """Accept raw connections on ``sock`` (TLS with ``ssl_context`` unless None)."""
+    def hello(self, ticket: str, header: bytes, body: bytes) -> Hello:
+        """Open the sealed hello of a raw connection that presented ``ticket``: the ticket is spent only once its
+        hello opened (someone who saw the ticket go by cannot spend it), and only once."""
+        hit = self.tickets.get(ticket)
+        if hit is None:
+            used = self.used_tickets.get(ticket)
+            if used is not None:
+                return Hello(None, error="this stream ticket was already used", uid=self._report(ticket, used[1]))
+            return Hello(None, error="unknown stream ticket")
+        up_key, down_key = wire.ticket_keys(hit[2], ticket)
+        up = wire.Opener(up_key)
+        try:
+            target = up.open(header, body, extra=ticket.encode()).decode()
+        except (wire.WireError, UnicodeDecodeError):
+            return Hello(None, error="the hello failed authentication (not sealed with this ticket's key)",
+                         uid=self._report(ticket, hit[1].uid))
+        got = self.redeem(ticket)
+        if isinstance(got, str):
+            return Hello(None, target, error=got, uid=hit[1].uid)
+        return Hello(got, target, up=up, down=wire.Sealer(down_key))
+
+    def _report(self, ticket: str, uid: str) -> str | None:
+        """``uid`` if the refusal of a hello with ``ticket`` is to be an event (the first one: whoever replays or
+        forges hellos by the thousand does not write as many events)."""
+        if ticket in self._reported:
+            return None
+        self._reported.add(ticket)
+        return uid
+
+    async def serve_raw(self, sock: Any, dispatch: Callable[[RawSide, Hello], Awaitable[None]]) -> None:
+        """Accept raw connections on ``sock`` (plain TCP: sealed records, see :mod:`xwhep.core.relaywire`)."""
         loop = asyncio.get_running_loop()
-        self._raw_server = await loop.create_server(lambda: RawSide(dispatch), sock=sock, ssl=ssl_context,
-                                                    ssl_handshake_timeout=RAW_HEADER_TIMEOUT if ssl_context
-                                                    else None)
+        self._raw_server = await loop.create_server(lambda: RawSide(self, dispatch), sock=sock)
         self.raw_port = int(sock.getsockname()[1])
 
     # -- events ------------------------------------------------------------------------------------------------------
@@ -512,8 +555,20 @@ class Hub:
 
 # -- raw connections ---------------------------------------------------------------------------------------------------
 
-def _skip(_: memoryview) -> None:
-    return None
+_LINE, _MSG, _HOLD, _PIPE, _DEAD = range(5)  # RawSide.mode
+
+
+@dataclass
+class Hello:
+    """What a raw connection's hello said: the ticket's identity and the endpoint it stands for, or why not
+    (``uid``: the ticket's user, when known, for the event of a refused hello)."""
+
+    ident: Identity | None
+    target: str = ""
+    error: str = ""
+    uid: str | None = None
+    up: wire.Opener | None = None  # the party's records to the server
+    down: wire.Sealer | None = None  # the server's records to the party
 
 
 def _message_frame(msg: dict[str, Any]) -> bytes:
@@ -523,19 +578,35 @@ def _message_frame(msg: dict[str, Any]) -> bytes:
     return wire.frame(wire.BIN, msg.get("bytes") or b"")
 
 
+def _close_of(plain: bytes) -> tuple[int, str]:
+    """The close frame in the plaintext of a final record."""
+    try:
+        for kind, payload in wire.Framer().feed(plain):
+            if kind == wire.CLOSE:
+                return wire.parse_close(payload)
+    except wire.WireError:
+        pass
+    return 1002, "a final record without a close"
+
+
 class RawSide(asyncio.BufferedProtocol):
     """A raw connection (:mod:`xwhep.core.relaywire`) on the server, with the part of Starlette's WebSocket the
     relay endpoints use (``accept``, ``receive``, ``send``, ``send_text``, ``close``), so they serve both.
 
-    A buffered protocol: TLS decrypts straight into one buffer per connection, which the splice hands to the
-    other connection's TLS (which encrypts it before ``write`` returns): no allocation per read."""
+    Modes: the first line and the hello (``_LINE``); records under the ticket keys, opened as messages
+    (``_MSG``); the stream's records held unopened once the party switched to the stream key (``_HOLD``: an
+    initiator after ``open``, a spare after its offer) until the splice decides: passed on as they are to another
+    raw connection (``_PIPE``: nothing decrypted), or opened as messages for a WebSocket peer (``_MSG`` again, with
+    the stream key)."""
 
-    def __init__(self, dispatch: Callable[[RawSide, str, str], Awaitable[None]]) -> None:
+    def __init__(self, hub: Hub, dispatch: Callable[[RawSide, Hello], Awaitable[None]]) -> None:
+        self.hub = hub
         self.dispatch = dispatch
         self.scope: dict[str, Any] = {"type": "xwrelay"}  # no denial-response extension: refusals are closes
         self.transport: asyncio.Transport | None = None
-        self.line = b""
-        self.started = False
+        self.mode = _LINE
+        self.pending = bytearray()  # received, not processed yet (the hello, an incomplete record, held records)
+        self.ticket = ""
         self.framer = wire.Framer()
         self.inbox: deque[dict[str, Any]] = deque()
         self.inbox_bytes = 0
@@ -546,14 +617,24 @@ class RawSide(asyncio.BufferedProtocol):
         self.peer: RawSide | None = None  # set while spliced with another raw connection
         self.ended: asyncio.Future[tuple[int, str]] | None = None
         self.count = 0
+        self.tx: wire.Sealer | None = None  # what the server seals towards this party (ticket key, then stream's)
+        self.rx: wire.Opener | None = None  # what the server opens of this party's
+        self.stream_key: bytes | None = None  # an initiator's stream key (drawn when it is accepted)
+        self._tx_stream: bytes | None = None  # an initiator's keys of the stream: towards it, from it
+        self._rx_stream: bytes | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._buf = bytearray(RAW_READ)
+        self._buf = bytearray(RAW_FIRST)
         self._view = memoryview(self._buf)
-        self._plain_peer = False  # the peer's transport may keep a view of the buffer (no TLS): copy then
+        # following the records passed on (_PIPE)
+        self._hdr = b""  # header bytes of the next record so far
+        self._left = 0  # bytes of the current record still to come
+        self._final: bytearray | None = None  # the final record being passed on (its close is opened)
+        self._final_hdr = b""
+        self._final_n = 0
 
     # -- asyncio callbacks -------------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -563,7 +644,7 @@ class RawSide(asyncio.BufferedProtocol):
         self._timer = asyncio.get_running_loop().call_later(RAW_HEADER_TIMEOUT, self._no_header)
 
     def _no_header(self) -> None:
-        if not self.started and self.transport is not None:
+        if self.mode == _LINE and self.transport is not None:
             self.transport.abort()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -571,62 +652,188 @@ class RawSide(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(self._view[:nbytes])
+        peer = self.peer
+        if nbytes == len(self._buf) < RAW_READ:  # reads fill it: a bigger one
+            self._buf = bytearray(min(4 * len(self._buf), RAW_READ))
+            self._view = memoryview(self._buf)
+        elif peer is not None and peer.transport is not None and peer.transport.get_write_buffer_size():
+            self._buf = bytearray(len(self._buf))  # the peer's transport keeps a view of it until it is sent
+            self._view = memoryview(self._buf)
 
     def data_received(self, data: bytes | memoryview) -> None:
-        peer = self.peer
-        if peer is not None:  # the hot path: pass the bytes on, follow the frames
-            peer.write(bytes(data) if self._plain_peer else data)
-            self.count += len(data)
-            try:
-                controls = self.framer.feed(data)
-            except wire.WireError:
-                self._lost_in_pipe()
-                return
-            for kind, payload in controls:
-                if kind == wire.CLOSE and self.ended is not None and not self.ended.done():
-                    self.ended.set_result(wire.parse_close(payload))
+        mode = self.mode
+        if mode == _PIPE:  # the hot path: pass the records on, follow their headers
+            peer = self.peer
+            if peer is not None:
+                peer.write(data)
+                self.count += len(data)
+                self._follow(data)
             return
-        if not self.started:
-            self.line += bytes(data)
-            end = self.line.find(b"\n")
-            if end < 0:
-                if len(self.line) > wire.MAX_LINE and self.transport is not None:
-                    self.transport.abort()
-                return
-            line, data = self.line[:end], self.line[end + 1:]
-            self.line = b""
-            self.started = True
-            if self._timer is not None:
-                self._timer.cancel()
-            parts = line.decode(errors="replace").split(" ")
-            if len(parts) != 3 or parts[0] != wire.MAGIC.decode():
-                self.write(wire.close_frame(4400, "expected XWRELAY1 TICKET PATH"))
-                self.shut()
-                return
-            self._task = asyncio.ensure_future(self._run(parts[1], parts[2]))
-            if not data:
-                return
-        try:
-            frames = self.framer.feed(data)
-        except wire.WireError as exc:
-            self.closed = (1002, str(exc))
-            self.write(wire.close_frame(1002, str(exc)))
-            self.shut()
-            self._wake()
+        if mode == _DEAD:
             return
-        for kind, payload in frames:
-            if kind == wire.CLOSE:
-                self.closed = wire.parse_close(payload)
-            elif self.closed is None:
-                if kind == wire.TEXT:
-                    self.inbox.append({"type": "websocket.receive", "text": payload.decode(errors="replace")})
-                else:
-                    self.inbox.append({"type": "websocket.receive", "bytes": payload})
-                self.inbox_bytes += len(payload)
-        if self.inbox_bytes > RAW_INBOX and not self.reading_paused and self.transport is not None:
+        self.pending += data
+        if mode == _LINE:
+            self._hello()
+        elif mode == _MSG:
+            self._records()
+        if (len(self.pending) + self.inbox_bytes > RAW_INBOX and not self.reading_paused
+                and self.transport is not None):
             self.reading_paused = True
             self.transport.pause_reading()
         self._wake()
+
+    def _hello(self) -> None:
+        buf = self.pending
+        if not self.ticket:
+            end = buf.find(b"\n")
+            if end < 0:
+                if len(buf) > wire.MAX_LINE and self.transport is not None:
+                    self.transport.abort()
+                return
+            parts = bytes(buf[:end]).decode(errors="replace").split(" ")
+            del buf[:end + 1]
+            if len(parts) != 2 or parts[0] != wire.MAGIC.decode() or not parts[1]:
+                self._refuse_clear(4400, "expected XWRELAY2 TICKET and a sealed hello")
+                return
+            self.ticket = parts[1]
+        if len(buf) < wire.HEADER.size:
+            return
+        kind, length = wire.HEADER.unpack_from(buf, 0)
+        if kind != wire.SEALED or not wire.TAG <= length <= wire.MAX_CONTROL + wire.TAG:
+            self._refuse_clear(4400, "expected a sealed hello")
+            return
+        if len(buf) < wire.HEADER.size + length:
+            return
+        header, body = bytes(buf[:wire.HEADER.size]), bytes(buf[wire.HEADER.size:wire.HEADER.size + length])
+        del buf[:wire.HEADER.size + length]
+        if self._timer is not None:
+            self._timer.cancel()
+        hello = self.hub.hello(self.ticket, header, body)
+        if hello.ident is not None:
+            self.rx, self.tx = hello.up, hello.down
+            self.mode = _MSG
+        else:
+            self.mode = _DEAD
+            buf.clear()
+        self._task = asyncio.ensure_future(self._run(hello))
+        if buf and self.mode == _MSG:
+            self._records()
+
+    def _refuse_clear(self, code: int, reason: str) -> None:
+        self.mode = _DEAD
+        self.pending.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+        self.write(wire.clear_close(code, reason))
+        self.shut()
+
+    def _records(self) -> None:
+        """Open the complete records received (``_MSG``), as messages for ``receive``."""
+        buf = self.pending
+        while self.mode == _MSG and len(buf) >= wire.HEADER.size:
+            kind, length = wire.HEADER.unpack_from(buf, 0)
+            end = wire.HEADER.size + length
+            try:
+                wire.check_header(kind, length)
+                if kind == wire.CLEAR:
+                    raise wire.WireError("a clear record after the hello")
+                if len(buf) < end:
+                    return
+                assert self.rx is not None
+                plain = self.rx.open(bytes(buf[:wire.HEADER.size]), buf[wire.HEADER.size:end])
+                del buf[:end]
+                frames = self.framer.feed(plain)
+                if not self.framer.at_boundary:
+                    raise wire.WireError("a record ends inside a frame")
+            except wire.WireError as exc:
+                self._broken(str(exc))
+                return
+            for kind, payload in frames:
+                if kind == wire.CLOSE:
+                    if self.closed is None:
+                        self.closed = wire.parse_close(payload)
+                elif self.closed is None:
+                    if kind == wire.TEXT:
+                        text = payload.decode(errors="replace")
+                        self.inbox.append({"type": "websocket.receive", "text": text})
+                        if text == "open" and self._rx_stream is not None and self.stream_key is not None:
+                            # an initiator's last record under its ticket key: the stream's records follow
+                            self.rx = wire.Opener(self._rx_stream)
+                            self._rx_stream = None
+                            self.mode = _HOLD
+                    else:
+                        self.inbox.append({"type": "websocket.receive", "bytes": payload})
+                    self.inbox_bytes += len(payload)
+
+    def _broken(self, why: str) -> None:
+        """The party broke the format (or a record failed authentication): end the connection with why."""
+        self.closed = (1002, why)
+        if self.peer is None:
+            self.mode = _DEAD
+            self.pending.clear()
+            self._seal_close(1002, why)
+            self.shut()
+        self._wake()
+
+    def _follow(self, data: bytes | memoryview) -> None:
+        """Follow the record headers of what was passed on (``_PIPE``): count the records (their nonces), see a
+        final one (its close ends the stream)."""
+        view = memoryview(data)
+        n = len(view)
+        i = 0
+        while i < n:
+            left = self._left
+            if left:
+                k = min(left, n - i)
+                if self._final is not None:
+                    self._final += view[i:i + k]
+                i += k
+                self._left = left - k
+                if not self._left and self._final is not None:
+                    self._end_final()
+                continue
+            take = wire.HEADER.size - len(self._hdr)
+            self._hdr += bytes(view[i:i + take])
+            i += take
+            if len(self._hdr) < wire.HEADER.size:
+                return
+            header, self._hdr = self._hdr, b""
+            kind, length = wire.HEADER.unpack(header)
+            peer = self.peer
+            try:
+                wire.check_header(kind, length)
+                if kind == wire.CLEAR:
+                    raise wire.WireError("a clear record")
+            except wire.WireError:
+                if peer is not None and peer.transport is not None:
+                    peer.transport.abort()  # what was passed on is garbage: cut the peer's connection
+                if self.ended is not None and not self.ended.done():
+                    self.ended.set_result((1002, "the other end broke the record format"))
+                return
+            assert peer is not None and peer.tx is not None
+            nonce = peer.tx.n
+            peer.tx.n = nonce + 1  # the nonce of this record, in the direction towards the peer
+            self._left = length
+            if kind == wire.FINAL and length <= wire.MAX_CONTROL:
+                self._final, self._final_hdr, self._final_n = bytearray(), header, nonce
+            if not length and self._final is not None:
+                self._end_final()
+
+    def _end_final(self) -> None:
+        body, self._final = self._final, None
+        peer = self.peer
+        if body is None or peer is None or peer.tx is None:
+            return
+        try:
+            got = _close_of(wire.unseal(peer.tx.aead, self._final_n, self._final_hdr, body))
+        except wire.WireError:
+            got = (1002, "a record failed authentication")
+        if self.ended is not None and not self.ended.done():
+            self.ended.set_result(got)
+
+    @property
+    def at_record_boundary(self) -> bool:
+        return not self._left and not self._hdr
 
     def eof_received(self) -> bool:
         return False
@@ -647,9 +854,9 @@ class RawSide(asyncio.BufferedProtocol):
         peer = self.peer
         if peer is None or self.ended is None or self.ended.done():
             return
-        if self.framer.at_boundary:
-            peer.write(wire.close_frame(1011, "the other end was lost"))
-        elif peer.transport is not None:  # a close inside a frame would be garbage: cut the connection
+        if self.at_record_boundary:  # the other end learns it in a sealed close
+            peer._seal_close(1011, "the other end was lost")
+        elif peer.transport is not None:  # a close inside a record would be garbage: cut the connection
             peer.transport.abort()
         self.ended.set_result((1006, "the other end was lost"))
 
@@ -667,12 +874,12 @@ class RawSide(asyncio.BufferedProtocol):
             self.peer.transport.resume_reading()
 
     # -- the endpoint's side ---------------------------------------------------------------------------------------
-    async def _run(self, ticket: str, target: str) -> None:
+    async def _run(self, hello: Hello) -> None:
         try:
-            await self.dispatch(self, ticket, target)
+            await self.dispatch(self, hello)
         except Exception:
-            log.exception("raw relay connection for %s failed", target[:80])
-            self.write(wire.close_frame(1011, "relay failure"))
+            log.exception("raw relay connection for %s failed", hello.target[:80])
+            self._seal_close(1011, "relay failure")
         finally:
             if self.peer is None:
                 self.shut()
@@ -685,6 +892,17 @@ class RawSide(asyncio.BufferedProtocol):
         if self.transport is not None and not self.lost and not self.transport.is_closing():
             self.transport.write(data)
 
+    def _seal(self, plain: bytes, final: bool = False) -> None:
+        if self.tx is not None:
+            self.write(self.tx.seal(plain, final))
+
+    def _seal_close(self, code: int, reason: str) -> None:
+        """A close record towards this party: sealed (the current key), or clear before the hello was opened."""
+        if self.tx is not None:
+            self._seal(wire.close_frame(code, reason), final=True)
+        else:
+            self.write(wire.clear_close(code, reason))
+
     def shut(self) -> None:
         """Close once what was written went out (or abort after CLOSE_WAIT: a stalled peer never takes it)."""
         if self.shut_down or self.transport is None:
@@ -695,7 +913,42 @@ class RawSide(asyncio.BufferedProtocol):
         asyncio.get_running_loop().call_later(CLOSE_WAIT, lambda: None if self.lost else transport.abort())
 
     async def accept(self) -> None:
-        self.write(wire.frame(wire.TEXT, wire.ACCEPTED.encode()))
+        """Accept a spare (or any party that gets no stream key)."""
+        self._seal(wire.frame(wire.TEXT, wire.ACCEPTED.encode()))
+
+    def accept_initiator(self) -> None:
+        """Accept an initiator: draw its stream's key and give it with ``accepted``. Its ``open`` will be its
+        last record under the ticket key, the server's ``ok`` the last one towards it."""
+        key = secrets.token_bytes(wire.KEY_SIZE)
+        self.stream_key = key
+        self._rx_stream, self._tx_stream = wire.stream_keys(key)  # initiator → acceptor, acceptor → initiator
+        self._seal(wire.frame(wire.TEXT, f"{wire.ACCEPTED} {wire.encode_key(key)}".encode()))
+
+    def enter_stream(self) -> None:
+        """After the ``ok`` to an initiator: what the server writes to it from now on is the stream's."""
+        if self._tx_stream is not None:
+            self.tx = wire.Sealer(self._tx_stream)
+            self._tx_stream = None
+
+    def offer(self, text: str, key: bytes) -> None:
+        """Hand a stream to this spare: the offer (with the stream key) under its ticket key, then the stream's
+        records both ways."""
+        if self.lost or self.shut_down or self.closed is not None or self.mode != _MSG:
+            raise ConnectionError("the spare is gone")
+        self._seal(wire.frame(wire.TEXT, text.encode()))
+        i2a, a2i = wire.stream_keys(key)
+        self.tx = wire.Sealer(i2a)
+        self.rx = wire.Opener(a2i)
+        self.mode = _HOLD
+
+    def unhold(self) -> None:
+        """Spliced with a WebSocket: open the stream's records here (they were held), as messages."""
+        if self.mode == _HOLD:
+            self.mode = _MSG
+            self._records()
+            if self.reading_paused and self.transport is not None and len(self.pending) < RAW_INBOX // 2:
+                self.reading_paused = False
+                self.transport.resume_reading()
 
     async def receive(self) -> dict[str, Any]:
         while not self.inbox:
@@ -717,7 +970,7 @@ class RawSide(asyncio.BufferedProtocol):
         if msg.get("type") == "websocket.close":
             await self.close(int(msg.get("code") or 1000), str(msg.get("reason") or ""))
             return
-        self.write(_message_frame(msg))
+        self._seal(_message_frame(msg))
         if self._paused:
             self._drain = asyncio.get_running_loop().create_future()
             await self._drain
@@ -727,31 +980,39 @@ class RawSide(asyncio.BufferedProtocol):
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         if not self.shut_down:
-            self.write(wire.close_frame(code, reason or ""))
+            self._seal_close(code, reason or "")
             self.shut()
+
+    def unlink(self) -> None:
+        self.peer = None
+        self.mode = _DEAD
 
 
 def link(a: RawSide, b: RawSide, ended: asyncio.Future[tuple[int, str]]) -> None:
-    """Join two raw connections: first what each received but nobody read, then everything as it comes."""
-    for src, dst in ((a, b), (b, a)):
-        for msg in src.inbox:
-            dst.write(_message_frame(msg))
+    """Join two raw connections: first the stream's records each one received before (held), then everything
+    as it comes — passed on as they are, never opened (only a final record's close, for the reason)."""
+    for src in (a, b):
+        src.ended = ended
         src.inbox.clear()
         src.inbox_bytes = 0
-        dst.write(src.framer.pending())
-        src.framer.on_data = _skip
-        if src.framer.kind == wire.BIN:
-            src.framer.cur = None  # the rest of this frame is passed on as it comes, not collected
-        src.ended = ended
-    for src, dst in ((a, b), (b, a)):
-        if src.closed is not None and not ended.done():  # it ended before the splice began: pass that on
-            code, reason = src.closed
-            if code != 1006:
-                dst.write(wire.close_frame(code, reason))
-            ended.set_result((code, reason or "the other end was lost"))
     a.peer, b.peer = b, a
     for src, dst in ((a, b), (b, a)):
-        src._plain_peer = dst.transport is None or dst.transport.get_extra_info("sslcontext") is None
+        if ended.done():
+            break
+        if src.closed is not None and src.closed[0] != 1006:  # it closed before the stream began: pass that on
+            dst._seal_close(*src.closed)
+            ended.set_result(src.closed)
+            break
+        held = bytes(src.pending)
+        src.pending.clear()
+        src.mode = _PIPE
+        if held:
+            dst.write(held)
+            src.count += len(held)
+            src._follow(held)
+        if src.lost:
+            src._lost_in_pipe()
+    for src, dst in ((a, b), (b, a)):
         if src.reading_paused and src.transport is not None:
             src.reading_paused = False
             src.transport.resume_reading()

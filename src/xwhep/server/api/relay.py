@@ -33,11 +33,23 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from fastapi import APIRouter, Depends, WebSocket
 
+from xwhep.core import relaywire as wire
 from xwhep.server import hosts as hostcache
 from xwhep.server.api.deps import FastJSON, identity, revoked, state, state_dep
 from xwhep.server.auth import Identity
 from xwhep.server.errors import ApiError
-from xwhep.server.relay import SPARE_TTL, TICKET_TTL, Channel, RawSide, Refused, Side, Spare, Stream, close_reason
+from xwhep.server.relay import (
+    SPARE_TTL,
+    TICKET_TTL,
+    Channel,
+    Hello,
+    RawSide,
+    Refused,
+    Side,
+    Spare,
+    Stream,
+    close_reason,
+)
 from xwhep.server.services import common as c
 from xwhep.server.services import tunnels
 from xwhep.server.state import ServerState
@@ -94,7 +106,10 @@ async def _refuse(ws: Side, status: int, message: str) -> None:
 
 async def _wait_open(ws: Side) -> bool:
     """Accept an initiator and wait (at most SPARE_TTL) for its ``open``; False if it left or misbehaved."""
-    await ws.accept()
+    if isinstance(ws, RawSide):
+        ws.accept_initiator()  # with its stream's key
+    else:
+        await ws.accept()
     try:
         first = await asyncio.wait_for(ws.receive(), SPARE_TTL)
     except TimeoutError:
@@ -112,7 +127,8 @@ async def _relay(st: ServerState, ws: Side, ch: Channel, offer: dict[str, Any], 
                  task: str | None, watch: list[str | None], events: list[dict[str, Any]]) -> None:
     """Ask ``ch`` for a stream; once the target joined, tell the initiator ``ok`` and splice until the end."""
     try:
-        stream = await st.relay.connect(ch, offer, work=work, task=task)
+        stream = await st.relay.connect(ch, offer, work=work, task=task,
+                                        key=ws.stream_key if isinstance(ws, RawSide) else None)
     except Refused as exc:
         for e in events:
             e.update(action="tunnel.refuse", detail=f"{e.get('detail')}: {exc.message}")
@@ -124,6 +140,8 @@ async def _relay(st: ServerState, ws: Side, ch: Channel, offer: dict[str, Any], 
     except Exception:  # the initiator gave up meanwhile
         await _end_unused(stream)
         return
+    if isinstance(ws, RawSide):
+        ws.enter_stream()
     st.relay.record(events, lambda batch: st.db.run(c.events, batch))
     await st.relay.splice(stream, ws, _still_running(st, watch))
 
@@ -363,15 +381,18 @@ _RAW_ROUTES = [
 ]
 
 
-async def raw_stream(st: ServerState, side: RawSide, ticket: str, target: str) -> None:
-    """A raw connection presented ``ticket`` for ``target`` (the path of the WebSocket endpoint it stands for):
-    the same checks and the same handling as that endpoint, the ticket standing for the bearer token it was
-    issued against."""
-    got = st.relay.redeem(ticket)
-    if isinstance(got, str):
-        await _deny(side, 401, got)
+async def raw_stream(st: ServerState, side: RawSide, hello: Hello) -> None:
+    """A raw connection's hello (opened with its ticket's key) names ``target`` (the path of the WebSocket
+    endpoint it stands for): the same checks and the same handling as that endpoint, the ticket standing for the
+    bearer token it was issued against. A refused hello of a known ticket is an event of the ticket's user."""
+    if hello.ident is None:
+        if hello.uid is not None:
+            detail = f"raw relay connection refused: {hello.error}"
+            uid = hello.uid
+            await st.db.run(lambda conn: c.event(conn, uid, "tunnel.refuse", None, detail=detail))
+        await _deny(side, 401, hello.error)
         return
-    ident = got
+    ident, target = hello.ident, hello.target
     why = revoked(st, ident)
     if why:
         await _deny(side, 401, why)
@@ -425,12 +446,14 @@ async def relay_drop_host(uid: str, ident: Ident, st: St) -> FastJSON:
 @router.post("/relay/tickets")
 async def relay_tickets(ident: Ident, st: St, n: int = 4) -> FastJSON:
     """``n`` one-time stream tickets (1–16) for the raw relay port: each opens one raw connection as the caller,
-    within a minute, in place of a WebSocket handshake. ``port`` is None when the server has no raw port (then
-    the WebSocket endpoints are the only way)."""
+    within a minute, in place of a WebSocket handshake: ``{"id", "key"}``, the key (base64, 32 bytes) sealing
+    that connection's hello (it never travels on the raw port). ``port`` is None when the server has no raw port
+    (then the WebSocket endpoints are the only way)."""
     if st.relay.raw_port is None:
         return FastJSON({"port": None, "tickets": [], "ttl": TICKET_TTL})
     try:
         tickets = st.relay.issue_tickets(ident, max(1, min(n, 16)))
     except Refused as exc:
         raise ApiError(exc.status, exc.message) from None
-    return FastJSON({"port": st.relay.raw_port, "tickets": tickets, "ttl": TICKET_TTL})
+    return FastJSON({"port": st.relay.raw_port, "tickets": [{"id": t, "key": wire.encode_key(k)} for t, k in tickets],
+                     "ttl": TICKET_TTL})
