@@ -10,6 +10,7 @@ _URI = re.compile(r"^xw://(?P<host>[A-Za-z0-9.\-_\[\]:]+)/(?P<uid>[^/?#]+)/?$")
 # the canonical hyphenated form only (any case): what str(uuid.UUID(x)) prints; a regex is ten times cheaper
 # than parsing, and every report and request checks a few uids
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+_CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class BadUri(ValueError):
@@ -29,6 +30,8 @@ def new_uid() -> str:
 
 def to_uid(ref: str) -> str:
     """The uid named by ``ref``: a bare UUID or an ``xw://`` URI. Raises :class:`BadUri`."""
+    if isinstance(ref, str) and _CANONICAL.fullmatch(ref):  # what the server hands out: every report has some
+        return ref
     text = ref.strip()
     if text.startswith("xw://"):
         m = _URI.match(text)

@@ -50,8 +50,11 @@ class Scheduler:
     # -- index maintenance ----------------------------------------------------------------------------------
     def add(self, uid: str, seq: int, profile: WorkProfile, rank: str | None, replica_set: str | None) -> None:
         """A work became PENDING."""
-        if uid in self._entries:
-            return
+        self.add_many(profile, rank, [(uid, seq, replica_set)])
+
+    def add_many(self, profile: WorkProfile, rank: str | None, works: list[tuple[str, int, str | None]]) -> None:
+        """Works of one profile and rank became PENDING: (uid, submission id, replica set) each. The class is
+        looked up once (a bag of 10,000 arrives this way)."""
         key = (*profile.key(), rank)
         cls = self._classes.get(key)
         if cls is None:
@@ -59,8 +62,11 @@ class Scheduler:
             cls = MatchClass(self._next_cid, profile, rank)
             self._classes[key] = cls
             self._by_cid[cls.cid] = cls
-        heapq.heappush(cls.heap, (seq, uid))
-        self._entries[uid] = Entry(cls.cid, seq, replica_set)
+        entries, heap, cid = self._entries, cls.heap, cls.cid
+        for uid, seq, replica_set in works:
+            if uid not in entries:
+                heapq.heappush(heap, (seq, uid))
+                entries[uid] = Entry(cid, seq, replica_set)
 
     def discard(self, uid: str) -> None:
         """A work left PENDING some other way (deleted, cancelled): forget it lazily."""

@@ -19,8 +19,9 @@ from xwhep.core.rights import Action, BadRights, clamp_to, format_rights, parse_
 from xwhep.core.states import is_final
 from xwhep.server.api.deps import FastJSON, identity, state_dep
 from xwhep.server.api.models import (
+    BAG,
+    SUBMISSION,
     AppSpec,
-    Bag,
     BagSpec,
     ChmodIn,
     DataSpec,
@@ -29,8 +30,8 @@ from xwhep.server.api.models import (
     PasswordIn,
     UserSpec,
     WaitIn,
-    WorkSpec,
     dump,
+    set_fields,
 )
 from xwhep.server.auth import Identity, hash_password, verify_password
 from xwhep.server.db import schema as s
@@ -97,12 +98,12 @@ async def submit(body: Annotated[dict[str, Any], Body()], ident: Ident, st: St) 
     """Submit one work (a WorkSpec), or a bag ``{"works": [WorkSpec, ...]}`` of up to 10,000 in one transaction."""
     if isinstance(body.get("works"), list) and len(body["works"]) > st.config.max_bag:
         raise ApiError(413, f"works: {len(body['works'])} works in one request, at most {st.config.max_bag}", "works")
+    body_is_bag = "works" in body
     try:
-        parsed: WorkSpec | Bag = Bag.model_validate(body) if "works" in body else WorkSpec.model_validate(body)
+        specs = ([set_fields(w) for w in BAG.validate_python(body)["works"]] if body_is_bag
+                 else [set_fields(SUBMISSION.validate_python(body))])
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    body_is_bag = isinstance(parsed, Bag)
-    specs = [dump(w) for w in parsed.works] if isinstance(parsed, Bag) else [dump(parsed)]
     out, eff = await st.db.run(works.submit, ident, specs, st.name, st.config.max_bag)
     eff.apply(st)
     return FastJSON({"works": out} if body_is_bag else out[0], status_code=201)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import compress, repeat
 from typing import Any
 
 import orjson
@@ -102,24 +103,73 @@ def json_value(value: Any) -> Any:
     return value
 
 
-EVENT = Sql("INSERT INTO events (time, actor, action, object, source, target, detail) "
-            "VALUES (:time, :actor, :action, :object, :source, :target, :detail)")
+class Insert:
+    """An INSERT of rows into ``table`` that binds, on SQLite, only the columns a row sets.
+
+    Python 3.11's sqlite3 adapts a bound ``None`` through its failure path (an exception made and cleared per
+    value): binding 35 parameters of which 20 are ``None`` cost ~20 µs a row against ~5 µs for 35 integers,
+    measured. A column left out gets its default (NULL), so each run of rows with the same unset columns is one
+    ``executemany`` of a statement naming only the others. PostgreSQL gets the full statement.
+    """
+
+    def __init__(self, table: str, columns: Sequence[str]) -> None:
+        self.table = table
+        self.columns = tuple(columns)
+        self.values: Callable[[Mapping[str, Any]], tuple[Any, ...]] = operator.itemgetter(*self.columns)
+        self.postgres = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})"
+        self._sqlite: dict[tuple[bool, ...], str] = {}
+
+    def _text(self, mask: tuple[bool, ...]) -> str:
+        text = self._sqlite.get(mask)
+        if text is None:
+            names = list(compress(self.columns, mask))
+            text = self._sqlite[mask] = (f"INSERT INTO {self.table} ({', '.join(names)}) "
+                                         f"VALUES ({', '.join(['?'] * len(names))})")
+        return text
+
+    def rows(self, conn: Connection, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Insert dict rows (every column a key); returns how many."""
+        return self.tuples(conn, map(self.values, rows))
+
+    def tuples(self, conn: Connection, rows: Iterable[tuple[Any, ...]]) -> int:
+        """Insert rows given as tuples in column order; returns how many."""
+        cur = _cursor(conn)
+        try:
+            if conn.dialect.name != "sqlite":
+                batch = list(rows)
+                if batch:
+                    cur.executemany(self.postgres, batch)
+                return len(batch)
+            n = 0
+            runs: list[tuple[tuple[bool, ...], list[tuple[Any, ...]]]] = []
+            full = (True,) * len(self.columns)
+            for values in rows:
+                mask = full if None not in values else tuple(map(operator.is_not, values, repeat(None)))
+                if not runs or runs[-1][0] != mask:
+                    runs.append((mask, []))
+                runs[-1][1].append(tuple(compress(values, mask)))
+                n += 1
+            for mask, params in runs:
+                cur.executemany(self._text(mask), params)
+            return n
+        finally:
+            cur.close()
 
 
-def events(conn: Connection, t: float, batch: Iterable[Mapping[str, Any]]) -> None:
-    """Write events (actor, action, object and optionally source, target, detail) in one executemany."""
-    rows = [(t, e["actor"], e["action"], e["object"], e.get("source"), e.get("target"), e.get("detail"))
-            for e in batch]
-    if not rows:
-        return
+def last_rowid(conn: Connection) -> int:
+    """SQLite: the rowid of the connection's last insert."""
     cur = _cursor(conn)
     try:
-        if conn.dialect.name == "sqlite":
-            cur.executemany(EVENT.sqlite, rows)
-        else:
-            cur.executemany(EVENT.postgres, [dict(zip(_EVENT_FIELDS, r, strict=True)) for r in rows])
+        cur.execute("SELECT last_insert_rowid()")
+        return int(cur.fetchone()[0])
     finally:
         cur.close()
 
 
-_EVENT_FIELDS = ("time", "actor", "action", "object", "source", "target", "detail")
+EVENT = Insert("events", ("time", "actor", "action", "object", "source", "target", "detail"))
+
+
+def events(conn: Connection, t: float, batch: Iterable[Mapping[str, Any]]) -> None:
+    """Write events (actor, action, object and optionally source, target, detail) in one executemany."""
+    EVENT.tuples(conn, ((t, e["actor"], e["action"], e["object"], e.get("source"), e.get("target"), e.get("detail"))
+                        for e in batch))

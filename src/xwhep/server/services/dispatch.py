@@ -246,7 +246,8 @@ def report(conn: Connection, ident: Identity, host_uid: str, reports: list[Mappi
         raw.executemany(conn, _DONE_TASK, batch)
         raw.executemany(conn, _DONE_WORK, batch)
         raw.events(conn, t, ({"actor": ident.uid, "action": "work.transition", "object": f["w"],
-                              "source": "RUNNING", "target": "COMPLETED"} for f in fast.values()))
+                              "source": "RUNNING", "target": "COMPLETED", "detail": f"task {f['k']}"}
+                             for f in fast.values()))
         for f in fast.values():
             eff.running[f["owner"]] -= 1
             eff.tasks_ended.append(f["k"])

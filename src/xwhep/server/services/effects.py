@@ -49,8 +49,13 @@ class Effects:
         sched = st.scheduler
         for uid in self.discard:
             sched.discard(uid)
-        for args in self.pending:
-            sched.add(*args)
+        run: list[tuple[str, int, str | None]] = []
+        for i, (uid, seq, profile, rank, rset) in enumerate(self.pending):  # runs of one profile: one class lookup
+            run.append((uid, seq, rset))
+            nxt = self.pending[i + 1] if i + 1 < len(self.pending) else None
+            if nxt is None or nxt[2] is not profile or nxt[3] != rank:
+                sched.add_many(profile, rank, run)
+                run = []
         for owner, delta in self.running.items():
             sched.running[owner] += delta
             if sched.running[owner] <= 0:

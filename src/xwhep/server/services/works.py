@@ -172,10 +172,13 @@ def submit(conn: Connection, ident: Identity, specs: list[dict[str, Any]], serve
     apps_of: dict[str, dict[str, Any]] = {}
     # A bag's works usually differ only in their arguments and label: the rest is checked once per shape and
     # its row reused (half of a 10,000-work submission went to checking the same fields again, measured).
-    shapes: dict[bytes, dict[str, Any]] = {}
+    shapes: dict[str | bytes, dict[str, Any]] = {}  # an app reference alone, or the JSON of the shared fields
     for i, spec in enumerate(specs):
         try:
-            shape = orjson.dumps({k: v for k, v in spec.items() if k not in _PER_WORK}, option=orjson.OPT_SORT_KEYS)
+            app_ref = spec.get("app")
+            shape: str | bytes = (app_ref if isinstance(app_ref, str) and _BARE.issuperset(spec) else
+                                  orjson.dumps({k: v for k, v in spec.items() if k not in _PER_WORK},
+                                               option=orjson.OPT_SORT_KEYS))
             template = shapes.get(shape)
             if template is None:
                 built = _build(res, ident, spec, t, links, apps_of)
@@ -193,8 +196,8 @@ def submit(conn: Connection, ident: Identity, specs: list[dict[str, Any]], serve
             if len(specs) > 1:
                 exc.message = f"works[{i}]: {exc.message}"
             raise
-    raw.executemany(conn, _INSERT_WORK, rows)
-    seq_of = dict(raw.tuples(conn, _WORK_SEQ, {"uids": [r["uid"] for r in rows]}))
+    _INSERT_WORK.rows(conn, rows)
+    seq_of = _submission_order(conn, rows)
     for uid, n in links.items():
         conn.execute(s.datas.update().where(s.datas.c.uid == uid).values(links=s.datas.c.links + n))
     raw.events(conn, t, ({"actor": ident.uid, "action": "work.submit", "object": r["uid"], "target": r["status"]}
@@ -222,10 +225,24 @@ _WORK_COLUMNS = ("uid", "owner", "access_rights", "created", "modified", "status
                  "listen_ports", "forward_addresses", "result", "return_code", "reason", "host", "task",
                  "pending_since", "started", "completed")
 # a bag is inserted with one executemany at driver level (SQLAlchemy's per-row parameter processing was a third
-# of a 10,000-work submission), then its submission order read back in one query
-_INSERT_WORK = raw.Sql(f"INSERT INTO works ({', '.join(_WORK_COLUMNS)}) "
-                       f"VALUES ({', '.join(':' + col for col in _WORK_COLUMNS)})")
+# of a 10,000-work submission)
+_INSERT_WORK = raw.Insert("works", _WORK_COLUMNS)
 _WORK_SEQ = raw.Sql("SELECT uid, id FROM works WHERE uid IN_LIST(:uids)")
+_WORK_ID = raw.Sql("SELECT id FROM works WHERE uid = :uid")
+
+
+def _submission_order(conn: Connection, rows: list[dict[str, Any]]) -> dict[str, int]:
+    """uid → id (the FIFO order) of the rows just inserted, in this transaction.
+
+    SQLite gives a table without AUTOINCREMENT the next rowid after the largest, so the inserts of one
+    transaction (one writer) are numbered consecutively up to ``last_insert_rowid()``: checked on the first row,
+    read back in one query otherwise (and always on PostgreSQL).
+    """
+    if conn.dialect.name == "sqlite":
+        first = raw.last_rowid(conn) - len(rows) + 1
+        if raw.tuples(conn, _WORK_ID, {"uid": rows[0]["uid"]}) == [(first,)]:
+            return {r["uid"]: first + i for i, r in enumerate(rows)}
+    return dict(raw.tuples(conn, _WORK_SEQ, {"uids": [r["uid"] for r in rows]}))
 
 
 def _build(res: Resolver, ident: Identity, spec: Mapping[str, Any], t: float, links: dict[str, int],
@@ -302,6 +319,7 @@ def _build(res: Resolver, ident: Identity, spec: Mapping[str, Any], t: float, li
 
 
 _PER_WORK = frozenset({"args", "label"})  # the fields in which the works of one bag usually differ
+_BARE = _PER_WORK | {"app"}  # a spec with no other field: its shape is its app reference
 
 
 def _args(spec: Mapping[str, Any]) -> str | None:
