@@ -144,10 +144,14 @@ class Insert:
             runs: list[tuple[tuple[bool, ...], list[tuple[Any, ...]]]] = []
             full = (True,) * len(self.columns)
             for values in rows:
-                mask = full if None not in values else tuple(map(operator.is_not, values, repeat(None)))
+                if None in values:
+                    mask = tuple(map(operator.is_not, values, repeat(None)))
+                    values = tuple(compress(values, mask))
+                else:
+                    mask = full
                 if not runs or runs[-1][0] != mask:
                     runs.append((mask, []))
-                runs[-1][1].append(tuple(compress(values, mask)))
+                runs[-1][1].append(values)
                 n += 1
             for mask, params in runs:
                 cur.executemany(self._text(mask), params)
