@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from xwhep.client.config import ClientConfig, load
+from xwhep.client.transport import transport
 from xwhep.core.uri import BadUri, to_uid
 
 Progress = Callable[[int], None]
@@ -96,8 +97,9 @@ class Client:
         if self.server.startswith("http://"):
             verify = False
         # the certificate proves who we are at the application level (xwhep.client.x509), not in the TLS handshake
-        self.http = httpx.Client(verify=verify, timeout=httpx.Timeout(timeout, connect=15.0),
-                                 limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        self.http = httpx.Client(verify=verify, timeout=httpx.Timeout(timeout, connect=15.0), limits=limits,
+                                 transport=transport(verify, limits))
         netloc = urlsplit(self.server).netloc
         self.netloc = netloc
 
@@ -293,7 +295,7 @@ class Client:
                     if mode == "ab" and progress:
                         progress(have)
                     with open(part, mode) as f:
-                        for chunk in r.iter_bytes(CHUNK):
+                        for chunk in r.iter_bytes():
                             f.write(chunk)
                             if progress:
                                 progress(len(chunk))
@@ -538,7 +540,7 @@ class Client:
             if r.status_code >= 400:
                 r.read()
                 raise _error(r)
-            for chunk in r.iter_bytes(CHUNK):
+            for chunk in r.iter_bytes():
                 f.write(chunk)
 
 
