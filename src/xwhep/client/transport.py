@@ -82,9 +82,10 @@ class Transport(httpx.HTTPTransport):
     """``httpx.HTTPTransport`` whose connections gather TLS records (see the module's docstring)."""
 
     def __init__(self, verify: ssl.SSLContext | bool, limits: httpx.Limits) -> None:
-        super().__init__(verify=verify, limits=limits)
+        ctx = httpx.create_ssl_context(verify=verify)  # once: with verify=True it loads the CA bundle
+        super().__init__(verify=ctx, limits=limits)
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(verify=verify), max_connections=limits.max_connections,
+            ssl_context=ctx, max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
             network_backend=_GatheringBackend())
 
