@@ -46,10 +46,8 @@ class _GatheringStream(httpcore.NetworkStream):
             while n < max_bytes:
                 try:
                     more = sock.recv(max_bytes - n)
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
-                    break  # nothing more has arrived yet
-                except OSError:
-                    break  # a real error: the next read raises it, mapped as httpcore maps it
+                except OSError:  # nothing more yet (would block), or a real error: the next read raises it,
+                    break  # mapped as httpcore maps it
                 if not more:
                     break  # the peer closed: the next read sees it too
                 parts.append(more)
