@@ -13,10 +13,11 @@ from xwhep.client import Client
 
 class SdkWorker:
     def __init__(self, client: Client, name: str = "w", **desc: Any) -> None:
-        self.c = client
         base = {"name": name, "os": "linux", "cpu": "x86_64", "cores": 2, "memory": 4096, "disk": 10000}
         base.update(desc)
-        self.host = client.register_host(base)["uid"]
+        self.registration = client.register_host(base)
+        self.host = self.registration["uid"]
+        self.c = client.host_client(self.registration)  # a host speaks only with its own token
 
     def take(self, k: int = 1, wait: float = 0.0) -> list[dict[str, Any]]:
         return self.c.request_works(self.host, max=k, wait=wait)

@@ -122,10 +122,11 @@ class Worker:
     --xwexpectedhost (tests sharing the server never take each other's works)."""
 
     def __init__(self, client: Client, name: str, **desc: Any) -> None:
-        self.c = client
         self.name = name
         base = {"name": name, "os": "linux", "cpu": "ppc64le", "cores": 2, "memory": 4096, "disk": 10000}
-        self.host = client.register_host({**base, **desc})["uid"]
+        reg = client.register_host({**base, **desc})
+        self.host = reg["uid"]
+        self.c = client.host_client(reg)
 
     def complete(self, tmp: Path, payload: dict[str, bytes]) -> set[str]:
         """Take the pending works pinned to this host and complete each with ``payload[work uid]``."""
@@ -315,6 +316,26 @@ def test_rm_any_kind(srv: ServerProc, home: Path, admin: Client, apps: dict[str,
             admin.get(ref)
     p = run(srv, home, "xwrm", work, rc=1)
     assert p.stderr.count("\n") == 1 and "no object" in p.stderr
+
+
+def test_rm_host_and_revoke_sessions(srv: ServerProc, home: Path, admin: Client, worker_client: Client) -> None:
+    reg = worker_client.register_host({"name": "to-remove"})
+    host = worker_client.host_client(reg)
+    host.alive(reg["uid"])
+    run(srv, home, "xwrm", f"xw://{srv.url.split('//')[1]}/{reg['uid']}")
+    with pytest.raises(XwError) as err:
+        host.alive(reg["uid"])
+    assert err.value.status == 404  # its token and key stopped working: register again
+    admin.create_user("dave", "dave-password")
+    dave = Client(srv.url, ca=str(srv.ca), login="dave", password="dave-password")
+    dave.me()
+    old = Client(srv.url, ca=str(srv.ca), token=dave._token)
+    assert run(srv, home, "xw", "revoke", "dave").stdout == "dave revoked\n"
+    with pytest.raises(XwError) as err:
+        old.me()
+    assert err.value.status == 401
+    p = run(srv, home, "xw", "revoke", "nobody-such", rc=1)
+    assert p.stderr.count("\n") == 1 and "no user" in p.stderr
 
 
 def test_users_groups_sessions(srv: ServerProc, home: Path, admin: Client) -> None:

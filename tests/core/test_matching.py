@@ -220,17 +220,15 @@ class TestIdentity:
         assert c.ok
         assert "public" in c.detail
 
-    @pytest.mark.parametrize("rights", [0x700, 0x750, 0x751, 0x754])
-    def test_public_worker_private_work(self, rights: int) -> None:
+    @pytest.mark.parametrize("level", [L.WORKER_USER, L.VWORKER_USER, L.SUPER_USER])
+    @pytest.mark.parametrize("rights", [0x700, 0x750, 0x751, 0x754, 0x1700])
+    def test_private_work_runs_on_public_worker(self, level: UsageLevel, rights: int) -> None:
+        """Issue 13: a work ran on public workers only if it was itself 0x755, which forced every work to be
+        world-readable. Running a work is not reading it: public workers run private works."""
         work = replace(BASE_WORK, rights=rights)
-        c = check(work, BASE_HOST, "worker identity")
-        assert not c.ok
-        assert only_failure(work, BASE_HOST) == "worker identity"
-
-    def test_virtual_worker_sticky_work(self) -> None:
-        work = replace(BASE_WORK, rights=0x1700)
-        assert matches(work, replace(BASE_HOST, owner_level=L.VWORKER_USER))
-        assert not matches(work, replace(BASE_HOST, owner_level=L.WORKER_USER))
+        c = check(work, replace(BASE_HOST, owner_level=level), "worker identity")
+        assert c.ok
+        assert c.detail == "public worker"
 
     @pytest.mark.parametrize("rights", [0x700, 0x750, 0x755])
     def test_private_worker_of_the_owner(self, rights: int) -> None:
@@ -248,11 +246,13 @@ class TestIdentity:
         assert not c.ok
         assert "another user" in c.detail
 
-    def test_group_worker(self) -> None:
+    @pytest.mark.parametrize("rights", [0x700, 0x750, 0x755])
+    def test_group_worker_runs_its_groups_works_whatever_their_rights(self, rights: int) -> None:
         host = replace(BASE_HOST, owner="gadm", owner_level=L.ADVANCED_USER, owner_group="g1-uid")
-        assert matches(replace(BASE_WORK, rights=0x750), host)
-        assert not matches(replace(BASE_WORK, rights=0x700), host)
-        assert not matches(replace(BASE_WORK, rights=0x750, owner_group="g2-uid"), host)
+        assert matches(replace(BASE_WORK, rights=rights), host)
+        c = check(replace(BASE_WORK, rights=rights, owner_group="g2-uid"), host, "worker identity")
+        assert not c.ok
+        assert c.detail == "group worker of another group"
 
 
 class TestRequirements:

@@ -46,4 +46,4 @@ def test_every_non_public_operation_refuses_anonymous(srv: ServerProc) -> None:
         # the public ones are exactly what we declare public
         assert {p.split()[1] for p in public} <= {"/api/v1/health", "/api/v1/version", "/api/v1/auth/login",
                                                    "/api/v1/auth/oidc", "/api/v1/auth/x509/challenge",
-                                                   "/api/v1/auth/x509"}
+                                                   "/api/v1/auth/x509", "/api/v1/auth/host"}

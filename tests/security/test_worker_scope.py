@@ -60,11 +60,13 @@ def test_worker_scope_and_revocation(make_server: Callable[..., ServerProc], tmp
     assert admin.work(work["uid"])["status"] == "COMPLETED"
     assert hashlib.sha256(b"result\n").hexdigest() == admin.data(out["result"])["sha256"]
 
-    # revoking worker2 (deleting its user) refuses its unexpired token at once
-    assert c2.alive(w2.host)["tasks"] == {}
+    # revoking worker2 (deleting its user) refuses its unexpired tokens at once, its host's included
+    assert w2.c.alive(w2.host)["tasks"] == {}
     uid2 = next(u for u in admin.users() if u["login"] == "worker2")["uid"]
     admin._send("DELETE", f"/users/{uid2}")
-    token = c2._token
-    r = c2.http.post(f"{c2.base}/hosts/{w2.host}/alive", json={}, headers={"Authorization": f"Bearer {token}"})
-    assert r.status_code == 401 and "revoked" in r.json()["error"]
-    assert _status(lambda: c2.alive(w2.host)) == 401  # and it cannot log in again
+    for client, method, path in ((w2.c, "POST", f"/hosts/{w2.host}/alive"), (c2, "GET", "/me")):
+        r = client.http.request(method, f"{client.base}{path}", json={} if method == "POST" else None,
+                                headers={"Authorization": f"Bearer {client._token}"})
+        assert r.status_code == 401 and "revoked" in r.json()["error"], (path, r.text)
+    assert _status(lambda: c2.me()) == 401  # the user cannot log in again
+    assert _status(lambda: w2.c.alive(w2.host)) == 404  # nor its host (deleted with its owner): register again

@@ -228,7 +228,7 @@ def test_delegated_registration_creates_standard_and_worker_users(
     assert (wc.me()["level"], wc.me()["login"]) == ("WORKER_USER", "node-17")
     host = wc.register_host({"name": "node-17", "os": "linux", "cpu": "x86_64", "cores": 1})
     assert host["owner"] == wc.me()["uid"]
-    assert wc.request_works(host["uid"], max=1, wait=0) == []
+    assert wc.host_client(host).request_works(host["uid"], max=1, wait=0) == []
 
     registered = [e["detail"] for e in actions(admin) if e["action"] == "auth.x509.register"]
     assert any("CN=dave" in d and "dave-2 (STANDARD_USER)" in d for d in registered)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import tomllib
 from collections.abc import Callable
 
 from cluster import ServerProc
@@ -37,13 +36,12 @@ def _request(path: str, body: dict[str, object], token: str, port: int, close: b
 def test_fast_path_responses_on_the_wire(make_server: Callable[..., ServerProc]) -> None:
     assert fastpath.RequestResponseCycle is not None, "uvicorn's httptools cycle: the one-write path must be used"
     srv = make_server()
-    host = SdkWorker(srv.client("worker")).host
-    conf = tomllib.loads(srv.worker_conf.read_text())
+    reg = SdkWorker(srv.client("worker")).registration
+    host = reg["uid"]
     ctx = ssl.create_default_context(cafile=str(srv.ca))
     with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as raw, \
             ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls, tls.makefile("rb") as f:
-        tls.sendall(_request("/api/v1/auth/login", {"login": conf["login"], "password": conf["password"]}, "-",
-                             srv.port))
+        tls.sendall(_request("/api/v1/auth/host", {"host": host, "key": reg["key"]}, "-", srv.port))
         status, _, body = _read_response(f)
         assert status == "HTTP/1.1 200 OK", status
         token = json.loads(body)["token"]

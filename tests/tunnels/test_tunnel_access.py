@@ -201,10 +201,14 @@ def test_the_relay_refuses_an_address_the_work_does_not_name(grid: Grid, client_
         try:
             task = grid.running(uid)["task"]
             path = f"/hosts/{grid.host}/tasks/{task}/forward"
-            relay_request(grid.server.worker_conf, path, {"address": mine})
+            as_host = grid.worker.workdir / "host.json"  # the worker's own host identity (uid and key)
+            relay_request(grid.server.worker_conf, path, {"address": mine}, host=as_host)
             with pytest.raises(StreamError) as refused:
-                relay_request(grid.server.worker_conf, path, {"address": not_given})
+                relay_request(grid.server.worker_conf, path, {"address": not_given}, host=as_host)
             assert refused.value.status == 403 and "not among the forward addresses" in refused.value.message
+            with pytest.raises(StreamError) as not_host:  # the worker credential alone is no host
+                relay_request(grid.server.worker_conf, path, {"address": mine})
+            assert not_host.value.status == 403
             with pytest.raises(StreamError) as not_worker:  # and a user is not a worker
                 relay_request(grid.alice, path, {"address": mine})
             assert not_worker.value.status == 404

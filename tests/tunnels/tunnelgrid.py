@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import queue
 import shutil
@@ -361,14 +362,18 @@ def stop_grid(grid: Grid) -> None:
     grid.server.stop()
 
 
-def relay_request(conf: Path, path: str, params: dict[str, str] | None = None) -> None:
+def relay_request(conf: Path, path: str, params: dict[str, str] | None = None, host: Path | None = None) -> None:
     """Open a relay stream as the user of ``conf`` (the initiator side, as xwproxy or a worker does) and close it;
-    :class:`StreamError` carries the refusal (``status``: the HTTP status)."""
+    with ``host`` (a worker's host.json: uid and key), as that host. :class:`StreamError` carries the refusal
+    (``status``: the HTTP status)."""
     from xwhep.client.config import load
     from xwhep.client.streams import Dialer, request
 
     cfg = load(conf)
     client = Client.from_config(conf)
+    if host is not None:
+        saved = json.loads(host.read_text())
+        client.bind_host({"uid": saved["uid"]}, saved["key"])
 
     async def go() -> None:
         ws = await Dialer(client, cfg.ca).open(path, params)

@@ -33,7 +33,7 @@ async def _scale(srv: Server, n: int, period: float, rounds: int, conns: int, cl
     out: dict[str, Any] = {"hosts": n, "alive_period_s": period, "rounds": rounds, "connections": conns}
     try:
         token = await login(pool, worker["login"], worker["password"])
-        hosts: list[str] = [""] * n
+        hosts: list[tuple[str, str]] = [("", "")] * n  # (uid, its own token)
         errors: list[str] = []
 
         async def lane(j: int) -> None:
@@ -56,10 +56,10 @@ async def _scale(srv: Server, n: int, period: float, rounds: int, conns: int, cl
         inflight = asyncio.Semaphore(conns)
         tasks: set[asyncio.Task[None]] = set()
 
-        async def one(host: str, due: float) -> None:
+        async def one(host: tuple[str, str], due: float) -> None:
             try:
                 sent = time.perf_counter()
-                await call(pool, "POST", f"/hosts/{host}/alive", {"tasks": [], "results": []}, token)
+                await call(pool, "POST", f"/hosts/{host[0]}/alive", {"tasks": [], "results": []}, host[1])
                 done = time.perf_counter()
                 due_lat.append(done - due)
                 service_lat.append(done - sent)

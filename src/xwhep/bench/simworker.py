@@ -182,9 +182,10 @@ async def login(http: Http, login_name: str, password: str) -> str:
 HOST_DESC = {"os": "linux", "cpu": "x86_64", "cores": 8, "memory": 16384, "disk": 100_000, "version": "bench"}
 
 
-async def register(http: Http, token: str, name: str) -> str:
+async def register(http: Http, token: str, name: str) -> tuple[str, str]:
+    """A new host: its uid and its own token (every host call needs a token bound to that host)."""
     out = await call(http, "POST", "/hosts", {"name": name, **HOST_DESC}, token)
-    return str(out["uid"])
+    return str(out["uid"]), str(out["token"])
 
 
 async def noop_app(http: Http, token: str, name: str = "bench-noop") -> str:

@@ -43,7 +43,7 @@ async def _bag_run(srv: Server, m: int, n: int, k: int, wait: float, client: str
         app = await noop_app(sub, admin_tok)
         t = time.perf_counter()
         hosts = await asyncio.gather(*(register(pool, worker_tok, f"sim-{i:05d}") for i in range(m)))
-        alive_period = float((await call(pool, "POST", f"/hosts/{hosts[0]}/alive", {}, worker_tok))["alive_period"])
+        alive_period = float((await call(pool, "POST", f"/hosts/{hosts[0][0]}/alive", {}, hosts[0][1]))["alive_period"])
         registration_s = time.perf_counter() - t
         stats = Stats()
         stop = asyncio.Event()
@@ -53,7 +53,7 @@ async def _bag_run(srv: Server, m: int, n: int, k: int, wait: float, client: str
             if stats.done >= n:
                 finished.set()
 
-        workers = [SimWorker(pool, worker_tok, h, k, wait, stats, on_done, protocol, alive_period) for h in hosts]
+        workers = [SimWorker(pool, tok, h, k, wait, stats, on_done, protocol, alive_period) for h, tok in hosts]
         tasks = [asyncio.create_task(w.run(stop)) for w in workers]
         await asyncio.sleep(0.5)  # every worker is now idle in a long-poll
         timeout = 60.0 + n / 50.0

@@ -706,12 +706,14 @@ def _remove(client: Client, kind: str, obj: Mapping[str, Any]) -> None:
         client.delete_bag(kind, uid)
     elif kind == "user":
         client.delete_user(uid)
+    elif kind == "host":
+        client.delete_host(uid)
     else:
         raise XwError(f"{obj.get('uri') or uid}: removing a {kind} is not supported")
 
 
 def op_rm(call: Call) -> int:
-    """Remove objects of any kind (works, data, apps, sessions, groups, users)."""
+    """Remove objects of any kind (works, data, apps, sessions, groups, users, hosts)."""
     if not call.bare:
         raise UsageError("missing the objects to remove (uids or URIs)")
     failed = 0
@@ -843,6 +845,18 @@ def op_cancel(call: Call) -> int:
     return EXIT_OK
 
 
+def op_revoke(call: Call) -> int:
+    """``LOGIN|URI…``: end every session of these users now (their tokens are refused; hosts renew theirs with
+    their keys); prints ``LOGIN revoked`` per user."""
+    if not call.bare:
+        raise UsageError("missing the users whose sessions to end (logins, uids or URIs)")
+    for ref in call.bare:
+        user = call.client.user(ref)
+        call.client.revoke_tokens(user["uid"])
+        call.print(f"{user['login']} revoked")
+    return EXIT_OK
+
+
 # -- session -------------------------------------------------------------------------------------------------------
 
 def op_version(call: Call) -> int:
@@ -915,7 +929,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("results", op_results, "[URI…] [--xwout DIR] [--xwnoerase]",
             "download results of completed works (all of yours by default), then erase the works",
             (OUT, Opt("noerase", None, "keep the works on the server"))),
-    Command("rm", op_rm, "URI…", "remove works, data, apps, sessions, groups or users"),
+    Command("rm", op_rm, "URI…", "remove works, data, apps, sessions, groups, users or hosts (revokes them)"),
     Command("chmod", op_chmod, "RIGHTS URI…", "change access rights (0x755, 755, go-rwx, o+r)"),
     Command("senduser", op_senduser, "LOGIN PASSWORD [EMAIL] [LEVEL] [USERGROUP]", "create a user",
             (Opt("level", "LEVEL", "usage level, like STANDARD_USER or ADVANCED_USER"),
@@ -941,6 +955,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("events", op_events, "[URI]", "the event log (an object's history)",
             (FORMAT, Opt("limit", "N", "at most N events (default 1000)")), classic=False),
     Command("cancel", op_cancel, "URI…", "stop works for good (they end in ERROR)", classic=False),
+    Command("revoke", op_revoke, "LOGIN|URI…", "end every session of users (their tokens stop working now)",
+            classic=False),
     Command("mandate", op_mandate, "[list] | grant LOGIN [--xwexpires S] [--xwmandator LOGIN] | revoke URI…",
             "let a MANDATED_USER act on your behalf (--xwonbehalfof), list or end mandates",
             (FORMAT, Opt("expires", "S", "the mandate ends after S seconds (default: when revoked)"),

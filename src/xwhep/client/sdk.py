@@ -22,7 +22,7 @@ import httpx
 
 from xwhep.client.config import ClientConfig, load
 from xwhep.client.transport import transport
-from xwhep.core.uri import BadUri, to_uid
+from xwhep.core.uri import BadUri, is_uid, to_uid
 
 Progress = Callable[[int], None]
 CHUNK = 1024 * 1024
@@ -38,6 +38,14 @@ class XwError(Exception):
         self.message = message
         self.status = status
         self.field = field
+
+
+class HostForgotten(XwError):
+    """The server no longer knows this client's host or its key (a new database, the host was deleted): register
+    again (404, as a host call about an unknown host)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 404, "host")
 
 
 def uid_of(ref: str | dict[str, Any]) -> str:
@@ -92,7 +100,11 @@ class Client:
         self._cert = cert
         self._key = key
         self._given_token = token is not None
+        # a host's own identity (services/hostkeys.py on the server): once bound, the client speaks as that host
+        self.host: str | None = None
+        self._host_key: str | None = None
         self._lock = threading.Lock()
+        self._ca, self._timeout = ca, timeout
         verify: Any = ssl.create_default_context(cafile=ca) if ca else True
         if self.server.startswith("http://"):
             verify = False
@@ -127,6 +139,8 @@ class Client:
     def _login_method(self) -> str | None:
         """How :meth:`login` gets a token: ``x509`` with a configured certificate (+ key), else ``password``, else
         ``x509`` with a grid proxy ($X509_USER_PROXY, /tmp/x509up_u<uid>) when nothing at all is configured."""
+        if self._host_key:
+            return "host"
         if self._cert:
             return "x509"
         if self.login_name and self._password is not None:
@@ -142,6 +156,8 @@ class Client:
         """Get a bearer token (done transparently when needed): X.509 with the configured certificate and key,
         else login + password, else a grid proxy (see :meth:`_login_method`)."""
         method = self._login_method()
+        if method == "host":
+            return self._login_host()
         if method == "x509":
             from xwhep.client.x509 import login_x509
 
@@ -156,6 +172,45 @@ class Client:
         self._token = data["token"]
         self._token_expiry = time.monotonic() + float(data.get("expires_in", 3600)) * 0.8
         return str(self._token)
+
+    def _login_host(self) -> str:
+        assert self.host is not None and self._host_key is not None
+        try:
+            r = self._send("POST", "/auth/host", json={"host": self.host, "key": self._host_key}, auth=False)
+        except XwError as exc:
+            if exc.status != 401:
+                raise
+            host, self.host, self._host_key, self._token = self.host, None, None, None  # back to the user's login
+            raise HostForgotten(f"the server no longer knows host {host} ({exc.message}): register again") from None
+        data = r.json()
+        self._token = data["token"]
+        self._token_expiry = time.monotonic() + float(data.get("expires_in", 3600)) * 0.8
+        return str(self._token)
+
+    def bind_host(self, registration: dict[str, Any], key: str | None = None) -> None:
+        """Speak as the host of ``registration`` (the answer of :meth:`register_host`) from now on: its token, and
+        its key to renew it. ``key``: the host's key when the answer has none (a re-registration)."""
+        host_key = registration.get("key") or key
+        if not host_key:
+            raise XwError(f"host {registration.get('uid')}: no key to bind to (register it anew)", field="key")
+        with self._lock:
+            self.host = str(registration["uid"])
+            self._host_key = str(host_key)
+            self._token = registration.get("token")
+            ttl = float(registration.get("expires_in") or 0)
+            self._token_expiry = time.monotonic() + ttl * 0.8 if self._token else 0.0
+
+    def unbind_host(self) -> None:
+        """Speak as the user again (e.g. to register a host anew)."""
+        with self._lock:
+            if self.host is not None:
+                self.host, self._host_key, self._token, self._token_expiry = None, None, None, 0.0
+
+    def host_client(self, registration: dict[str, Any], key: str | None = None) -> Client:
+        """A new client for the same server that speaks only as the host of ``registration``."""
+        c = Client(self.server, ca=self._ca, timeout=self._timeout)
+        c.bind_host(registration, key)
+        return c
 
     def _auth_header(self) -> dict[str, str]:
         with self._lock:
@@ -468,6 +523,26 @@ class Client:
         """Remove a user (administrators; a group administrator for members of the group)."""
         self._send("DELETE", f"/users/{uid_of(ref)}")
 
+    def user(self, ref: str) -> dict[str, Any]:
+        """A user by login, uid or URI, among those the caller may see."""
+        want = ref.strip()
+        uid = None
+        if want.startswith("xw://") or is_uid(want.lower()):
+            uid = uid_of(want)
+        for u in self.users():
+            if u["uid"] == uid or u["login"] == want:
+                return u
+        raise XwError(f"no user {ref}", 404, "user")
+
+    def revoke_tokens(self, ref: str) -> None:
+        """End every session of a user now: its tokens issued until now are refused (the user itself, its group
+        administrator or an administrator)."""
+        self._send("POST", f"/users/{uid_of(ref)}/revoke")
+
+    def delete_host(self, ref: str) -> None:
+        """Remove a host (its owner or an administrator): its key and tokens are refused at once."""
+        self._send("DELETE", f"/hosts/{uid_of(ref)}")
+
     def grant_mandate(self, mandatary: str, expires_in: float | None = None,
                       mandator: str | None = None) -> dict[str, Any]:
         """Let the MANDATED_USER ``mandatary`` act on your behalf (administrators: on ``mandator``'s), until
@@ -507,6 +582,9 @@ class Client:
 
     # -- the worker protocol ---------------------------------------------------------------------------------------
     def register_host(self, description: dict[str, Any]) -> dict[str, Any]:
+        """Register a host (a new one answers with its ``key``: keep it), or refresh one: ``uid`` and ``key`` in
+        ``description``, or a client already bound to it. The answer has a ``token`` bound to the host; pass the
+        answer to :meth:`bind_host` (or :meth:`host_client`) to speak as the host."""
         return self._json("POST", "/hosts", json=description)  # type: ignore[no-any-return]
 
     def request_works(self, host: str, max: int = 1, wait: float = 0.0) -> list[dict[str, Any]]:

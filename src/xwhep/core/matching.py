@@ -96,16 +96,17 @@ def _package_ok(wanted: str, have: str | None) -> bool:
 
 
 def _identity_ok(work: WorkProfile, host: HostProfile) -> tuple[bool, str]:
+    """Whose works a host runs, by its owner's identity: everyone's on a public worker, its group's on a group
+    administrator's, its owner's only on a private one. The work's access rights play no part: the right to run a
+    work is not the right to read it (a host sees only what its task needs, and only while it runs it)."""
     if work.owner == host.owner:
         return True, "host owned by the work's owner"
     if host.owner_level in PUBLIC_WORKER_LEVELS:
-        if host.owner_level == UsageLevel.VWORKER_USER and work.rights & 0x1000:
-            return True, "sticky work on a virtual worker"
-        ok = (work.rights & 0x5) == 0x5
-        return ok, "public worker, public work" if ok else "public worker, work not public (rights)"
+        return True, "public worker"
     if host.owner_level == UsageLevel.ADVANCED_USER and host.owner_group and host.owner_group == work.owner_group:
-        ok = ((work.rights >> 4) & 0x5) == 0x5
-        return ok, "group worker, group work" if ok else "group worker, work not open to the group"
+        return True, "group worker, work of the group"
+    if host.owner_level == UsageLevel.ADVANCED_USER:
+        return False, "group worker of another group"
     return False, "private worker of another user"
 
 

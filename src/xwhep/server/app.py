@@ -17,6 +17,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from xwhep import __version__
 from xwhep.core.model import UsageLevel, WorkStatus
+from xwhep.server import hosts as hostcache
+from xwhep.server import revocation
 from xwhep.server.api import models, oidc, routes, worker
 from xwhep.server.api import relay as relay_routes
 from xwhep.server.api import x509 as x509_routes
@@ -67,7 +69,8 @@ async def _too_large(limit: int, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def load_index(conn: Any, since: float | None = None) -> tuple[list[tuple[Any, ...]], dict[str, int], dict[str, str]]:
+def load_index(conn: Any, since: float | None = None
+               ) -> tuple[list[tuple[Any, ...]], dict[str, int], dict[str, tuple[str, str]]]:
     """Rebuild the in-memory state from the database: pending works, running counts, active tasks.
 
     With ``since``, only works that became PENDING from then on (what other server processes queued).
@@ -85,14 +88,9 @@ def load_index(conn: Any, since: float | None = None) -> tuple[list[tuple[Any, .
     running = dict(conn.execute(sa.select(s.works.c.owner, sa.func.count()).where(
         s.works.c.status.in_([WorkStatus.RUNNING, WorkStatus.DATAREQUEST])).group_by(s.works.c.owner)).all())
     active = {} if since is not None else dict(
-        conn.execute(sa.select(s.tasks.c.uid, s.tasks.c.work).where(s.tasks.c.status == "RUNNING")).all())
+        (t, (w, h)) for t, w, h in conn.execute(sa.select(s.tasks.c.uid, s.tasks.c.work, s.tasks.c.host)
+                                              .where(s.tasks.c.status == "RUNNING")))
     return pending, running, active
-
-
-def revoked_since(conn: Any, since: float) -> list[str]:
-    """Users deleted (credentials revoked) by any server process since ``since``."""
-    return [u for (u,) in conn.execute(sa.select(s.events.c.object).where(
-        s.events.c.action == "user.delete", s.events.c.time >= since)) if u]
 
 
 async def rebuild(st: ServerState, since: float | None = None) -> None:
@@ -129,7 +127,9 @@ async def housekeeping(st: ServerState) -> None:
             elif not st.db.is_sqlite:  # other server processes may share the database
                 since = time.time() - 10 * cfg.flush_period
                 await rebuild(st, since=since)
-                st.revoked_users.update(await st.db.run(revoked_since, since))
+                for uid in await st.db.run(revocation.changed_since, since):
+                    st.revocations.forget(uid)
+                    hostcache.forget(st, uid)
         except asyncio.CancelledError:
             raise
         except Exception:  # keep the loop alive; the next round retries

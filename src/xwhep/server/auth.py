@@ -41,6 +41,8 @@ class Identity:
     usergroup: str | None
     x509_serial: int | None = None  # set when proven by a certificate: its revocation ends the token at once
     via: str | None = None  # the MANDATED_USER acting on this user's behalf (X-Xw-On-Behalf-Of), if any
+    host: str | None = None  # the one host this identity speaks for (a host token: services/hostkeys.py)
+    issued: float = 0.0  # when the credential was issued: tokens older than the user's tokens_after are void
 
     @property
     def actor(self) -> Actor:
@@ -67,11 +69,14 @@ class Tokens:
         """A token for ``ident`` and its lifetime in seconds (``ttl``, e.g. a certificate's remaining life, or the
         default)."""
         ttl = self.ttl if ttl is None else ttl
-        now = int(time.time())
+        # iat to the microsecond: a password change voids the tokens issued before it, not those of the same second
+        now = time.time()
         claims: dict[str, object] = {"sub": ident.uid, "login": ident.login, "lvl": ident.level.name,
-                                     "grp": ident.usergroup, "iat": now, "exp": now + ttl, "iss": "xwhep"}
+                                     "grp": ident.usergroup, "iat": now, "exp": int(now) + ttl, "iss": "xwhep"}
         if ident.x509_serial is not None:
             claims["x5s"] = f"{ident.x509_serial:x}"  # hex: serials are up to 159 bits, too big for JSON numbers
+        if ident.host is not None:
+            claims["hst"] = ident.host
         return jwt.encode(claims, self.secret, algorithm=_ALG), ttl
 
     def check(self, token: str) -> Identity | None:
@@ -83,7 +88,7 @@ class Tokens:
         found = self._decode(token)
         if found is None:
             return None
-        if len(self._verified) >= 100_000:  # bounded: forget everything, it is only a cache
+        if len(self._verified) >= 250_000:  # bounded (every host has its own token): forget all, it is a cache
             self._verified.clear()
         self._verified[token] = found
         return found[0]
@@ -91,7 +96,7 @@ class Tokens:
     def _decode(self, token: str) -> tuple[Identity, float] | None:
         try:
             claims = jwt.decode(token, self.secret, algorithms=[_ALG], issuer="xwhep",
-                                options={"require": ["exp", "sub"]})
+                                options={"require": ["exp", "sub", "iat"]})
         except jwt.PyJWTError:
             return None
         serial = None
@@ -100,5 +105,9 @@ class Tokens:
                 serial = int(claims["x5s"], 16)
             except (TypeError, ValueError):
                 return None
-        ident = Identity(claims["sub"], claims.get("login", ""), UsageLevel[claims["lvl"]], claims.get("grp"), serial)
+        host = claims.get("hst")
+        if host is not None and not isinstance(host, str):
+            return None
+        ident = Identity(claims["sub"], claims.get("login", ""), UsageLevel[claims["lvl"]], claims.get("grp"), serial,
+                         host=host, issued=float(claims.get("iat") or 0.0))
         return ident, float(claims["exp"])

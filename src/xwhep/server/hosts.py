@@ -23,8 +23,23 @@ def remember(st: ServerState, row: dict[str, Any], level: UsageLevel, group: str
     return profile
 
 
+def forget(st: ServerState, uid: str) -> None:
+    """Host ``uid`` was deleted (here or by another server process)."""
+    st.hosts.pop(uid, None)
+    st.scheduler.forget_host(uid)
+    st.inactive_hosts.discard(uid)
+
+
 async def lookup(st: ServerState, ident: Identity, uid: str) -> tuple[HostProfile, int]:
-    """The profile of host ``uid``, which must belong to ``ident`` (404 otherwise: no existence leak)."""
+    """The profile of host ``uid``, for an identity bound to that very host (a host token: services/hostkeys.py).
+
+    Its owner with another credential gets 403 (use the host's token); anybody else 404 (no existence leak)."""
+    if ident.host != uid:
+        hit = st.hosts.get(uid)
+        owner = hit[0].owner if hit is not None else None
+        if owner is not None and owner == ident.uid and ident.host is None:
+            raise ApiError(403, f"host {uid} speaks only with its own token: POST /api/v1/auth/host with its key")
+        raise ApiError(404, f"no host {uid}")
     hit = st.hosts.get(uid)
     if hit is None:
         def load(conn: Any) -> tuple[dict[str, Any], UsageLevel, str | None] | None:
@@ -41,7 +56,7 @@ async def lookup(st: ServerState, ident: Identity, uid: str) -> tuple[HostProfil
             raise ApiError(404, f"no host {uid}")
         remember(st, *found)
         hit = st.hosts[uid]
-    if hit[0].owner != ident.uid and not ident.is_admin:
+    if hit[0].owner != ident.uid:  # a token of the host's former owner (the host was registered anew)
         raise ApiError(404, f"no host {uid}")
     return hit
 

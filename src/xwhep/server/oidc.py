@@ -390,7 +390,9 @@ def _map_user(conn: Connection, cfg: IssuerConfig, claims: dict[str, Any]) -> Id
         row = _register(conn, cfg, claims, subject, email)
     level = UsageLevel[row["level"]]
     event(conn, row["uid"], "auth.oidc", row["uid"], detail=subject[:2000])
-    return Identity(row["uid"], row["login"], level, row["usergroup"])
+    iat = claims.get("iat")  # the issuer's token: void if issued before the user's tokens were revoked
+    issued = float(iat) if isinstance(iat, int | float) and not isinstance(iat, bool) else now()
+    return Identity(row["uid"], row["login"], level, row["usergroup"], issued=issued)
 
 
 def _register(conn: Connection, cfg: IssuerConfig, claims: dict[str, Any], subject: str,

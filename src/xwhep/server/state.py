@@ -12,6 +12,7 @@ from xwhep.server.db.engine import Database
 from xwhep.server.oidc import OidcVerifier
 from xwhep.server.ratelimit import FailureLimiter
 from xwhep.server.relay import Hub
+from xwhep.server.revocation import Revocations
 from xwhep.server.scheduler import Scheduler
 from xwhep.server.store import BlobStore
 from xwhep.server.x509 import X509Auth
@@ -46,7 +47,7 @@ class Liveness:
 
     hosts: dict[str, float] = field(default_factory=dict)
     tasks: dict[str, float] = field(default_factory=dict)
-    active_tasks: dict[str, str] = field(default_factory=dict)  # task uid → work uid, running here
+    active_tasks: dict[str, tuple[str, str]] = field(default_factory=dict)  # task → (work, host), running here
 
 
 @dataclass
@@ -62,7 +63,7 @@ class ServerState:
     started: float = 0.0
     login_failures_account: FailureLimiter = field(default_factory=lambda: FailureLimiter(5, 60.0))
     login_failures_address: FailureLimiter = field(default_factory=lambda: FailureLimiter(20, 60.0))
-    revoked_users: set[str] = field(default_factory=set)  # deleted users whose tokens may still be unexpired
+    revocations: Revocations = field(default_factory=Revocations)  # deleted users, voided tokens (durable)
     inactive_hosts: set[str] = field(default_factory=set)  # workers whose activation policy says no (alive)
     work_changes: Signal = field(default_factory=Signal)  # works changed state here (xw wait's long-poll)
     resync_needed: bool = False  # a claim failed mid-way: rebuild the pending index from the database

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from xwhep.client.sdk import Client, XwError
+from xwhep.fsutil import write_atomic
 from xwhep.worker import job as jobmod
 from xwhep.worker.activation import Policy, parse_policy
 from xwhep.worker.config import WorkerConfig
@@ -88,8 +89,10 @@ class Worker:
     def register(self) -> None:
         state_file = self.cfg.workdir / "host.json"
         desc = self.description()
-        if state_file.exists():
-            desc["uid"] = json.loads(state_file.read_text()).get("uid")
+        saved = json.loads(state_file.read_text()) if state_file.exists() else {}
+        self.client.unbind_host()  # registration is the user's (worker.conf) business; the key proves the host
+        if saved.get("uid") and saved.get("key"):  # the same host again: its own key proves it
+            desc.update(uid=saved["uid"], key=saved["key"])
         backoff = Backoff()
         while not self.stopping.is_set():
             try:
@@ -102,10 +105,12 @@ class Worker:
                 self.stopping.wait(backoff.next())
         else:
             return
+        key = host.get("key") or desc.get("key")
+        self.client.bind_host(host, key)  # from now on the worker speaks as this host only
         self.host = host["uid"]
         self.alive_period = float(host.get("alive_period") or 30.0)
         self.tunnels.set_host(self.host)
-        state_file.write_text(json.dumps({"uid": self.host, "server": self.cfg.client.server}))
+        write_atomic(state_file, json.dumps({"uid": self.host, "key": key, "server": self.cfg.client.server}), 0o600)
         log.info("registered as host %s", self.host)
 
     def run(self) -> None:

@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 
 from xwhep.server.auth import Identity
 from xwhep.server.errors import ApiError
+from xwhep.server.revocation import user_epoch
+from xwhep.server.services import hostkeys
 from xwhep.server.state import ServerState
 
 
@@ -45,6 +47,9 @@ async def identity(request: Request) -> Identity:
     st = state(request)
     ident = await authenticate(st, request.headers.get("authorization", ""))
     request.state.ident = ident  # for the audit event of a refusal
+    if ident.host is not None and not hostkeys.in_scope(request.url.path):
+        raise ApiError(403, f"a host token acts only as host {ident.host} (its protocol, its tasks' data, its "
+                            "tunnels): log in as a user for anything else")
     behalf = request.headers.get(ON_BEHALF_OF)
     if behalf is not None:
         from xwhep.server.services import mandates
@@ -54,7 +59,7 @@ async def identity(request: Request) -> Identity:
                            "X-Xw-On-Behalf-Of")
         what = f"{getattr(request, 'method', 'WEBSOCKET')} {request.url.path}"  # relay channels come here too
         ident = await st.db.run(mandates.act_for, ident, behalf, what)
-        why = revoked(st, ident)
+        why = await revoked(st, ident)
         if why:
             raise ApiError(401, f"X-Xw-On-Behalf-Of: {why}")
         request.state.ident = ident
@@ -73,16 +78,21 @@ async def authenticate(st: ServerState, header: str) -> Identity:
         ident = await st.oidc.verify(token, st.db)
     if ident is None:
         raise ApiError(401, "invalid or expired token: log in again")
-    why = revoked(st, ident)
+    why = await revoked(st, ident)
     if why:
         raise ApiError(401, why)
     return ident
 
 
-def revoked(st: ServerState, ident: Identity) -> str | None:
-    """Why an identity established earlier (a token, a stream ticket) no longer counts; None if it still does."""
+async def revoked(st: ServerState, ident: Identity) -> str | None:
+    """Why an identity established earlier (a token, a stream ticket) no longer counts; None if it still does.
+
+    Durable (server/revocation.py): a deleted user, or a token issued before the user's ``tokens_after``
+    (password change, reset, revocation), is refused at once and after any restart."""
     if ident.x509_serial is not None and st.x509.revocations.is_revoked(ident.x509_serial):
         return "the certificate this token was obtained with is revoked"
-    if ident.uid in st.revoked_users:  # deleted (revoked) since the token was issued: refused at once
-        return "this identity was revoked"
-    return None
+    epoch = st.revocations.cached(ident.uid)
+    if epoch is None:
+        epoch = await st.db.run(user_epoch, ident.uid)
+        st.revocations.remember(ident.uid, epoch)
+    return st.revocations.verdict(ident, epoch)

@@ -22,6 +22,13 @@ class LoginIn(Strict):
     password: str
 
 
+class HostLoginIn(Strict):
+    """A host proves itself with the key it got at registration."""
+
+    host: str
+    key: Annotated[str, Field(max_length=256)]
+
+
 class WorkSpec(TypedDict, total=False):
     """One work to submit. A typed dict, not a model: a bag of 10,000 is validated straight into the dicts the
     service takes (building and dumping 10,000 models cost ~6 µs a work, measured; this ~1 µs)."""
@@ -90,7 +97,8 @@ class AppSpec(Strict):
 
 
 class HostSpec(Strict):
-    uid: str | None = None
+    uid: str | None = None  # re-register this host: with its key (or a token bound to it), else a new host
+    key: Annotated[str | None, Field(max_length=256)] = None  # the host's key, from its first registration
     name: str | None = None
     os: str | None = None
     cpu: str | None = None

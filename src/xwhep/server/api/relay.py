@@ -393,7 +393,7 @@ async def raw_stream(st: ServerState, side: RawSide, hello: Hello) -> None:
         await _deny(side, 401, hello.error)
         return
     ident, target = hello.ident, hello.target
-    why = revoked(st, ident)
+    why = await revoked(st, ident)
     if why:
         await _deny(side, 401, why)
         return

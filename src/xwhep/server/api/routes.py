@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect
 from xwhep import __version__
 from xwhep.core.rights import Action, BadRights, clamp_to, format_rights, parse_rights
 from xwhep.core.states import is_final
+from xwhep.server import hosts as hostcache
 from xwhep.server.api.deps import FastJSON, identity, state_dep
 from xwhep.server.api.models import (
     BAG,
@@ -302,8 +303,11 @@ async def list_users(ident: Ident, st: St) -> FastJSON:
 
 @router.delete("/users/{uid}")
 async def delete_user(uid: str, ident: Ident, st: St) -> FastJSON:
-    await st.db.run(users.delete_user, ident, c.ref(uid, "uid"))
-    st.revoked_users.add(c.ref(uid, "uid"))  # its unexpired tokens stop working now, not in an hour
+    hosts, eff = await st.db.run(users.delete_user, ident, c.ref(uid, "uid"))
+    st.revocations.forget(c.ref(uid, "uid"))  # its unexpired tokens stop working now, not in an hour
+    for host in hosts:
+        hostcache.forget(st, host)
+    eff.apply(st)
     return FastJSON({"deleted": c.ref(uid, "uid")})
 
 
@@ -337,8 +341,20 @@ async def revoke_mandate(uid: str, ident: Ident, st: St) -> FastJSON:
 async def set_password(uid: str, body: PasswordIn, ident: Ident, st: St) -> FastJSON:
     if ident.via is not None:  # credentials stay in their owner's hands, whatever the mandate
         raise ApiError(403, "a mandated request cannot change passwords")
-    await st.db.run(users.set_password, ident, c.ref(uid, "uid"), body.password)
+    hashed = await anyio.to_thread.run_sync(hash_password, users.check_password(body.password))  # slow on purpose
+    await st.db.run(users.set_password, ident, c.ref(uid, "uid"), hashed)
+    st.revocations.forget(c.ref(uid, "uid"))  # the tokens issued before are void from the next request on
     return FastJSON({"updated": c.ref(uid, "uid")})
+
+
+@router.post("/users/{uid}/revoke")
+async def revoke_tokens(uid: str, ident: Ident, st: St) -> FastJSON:
+    """End every session of a user at once: its tokens issued until now are refused (durably)."""
+    if ident.via is not None:
+        raise ApiError(403, "a mandated request cannot end sessions")
+    await st.db.run(users.revoke_tokens, ident, c.ref(uid, "uid"))
+    st.revocations.forget(c.ref(uid, "uid"))
+    return FastJSON({"revoked": c.ref(uid, "uid")})
 
 
 @router.post("/usergroups", status_code=201)

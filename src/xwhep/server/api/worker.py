@@ -11,18 +11,18 @@ import time
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from xwhep.core.matching import HostProfile
 from xwhep.core.model import TaskStatus
 from xwhep.server import hosts as hostcache
 from xwhep.server.api.deps import FastJSON, identity, state_dep
-from xwhep.server.api.models import AliveIn, HostSpec, ReportsIn, RequestIn, SyncIn, dump
+from xwhep.server.api.models import AliveIn, HostLoginIn, HostSpec, ReportsIn, RequestIn, SyncIn, dump
 from xwhep.server.auth import Identity
 from xwhep.server.db import schema as s
 from xwhep.server.errors import ApiError
 from xwhep.server.services import common as c
-from xwhep.server.services import dispatch
+from xwhep.server.services import dispatch, hostkeys
 from xwhep.server.state import ServerState
 
 router = APIRouter(prefix="/api/v1", tags=["worker"])
@@ -32,20 +32,58 @@ St = Annotated[ServerState, Depends(state_dep)]
 
 @router.post("/hosts", status_code=201)
 async def register(body: HostSpec, ident: Ident, st: St) -> FastJSON:
-    """Register (or re-register) the caller's host with its description and sharings."""
-    row = await st.db.run_grouped(dispatch.register, ident, dump(body))
+    """Register a host with its description and sharings, or refresh the caller's host (``uid`` with its
+    ``key``). A new host's answer carries its ``key`` (shown once: keep it) and, always, a ``token``
+    bound to the host: every other host call needs it."""
+    row, key = await st.db.run_grouped(dispatch.register, ident, dump(body))
     hostcache.remember(st, row, ident.level, ident.usergroup)
     st.liveness.hosts[row["uid"]] = time.time()
     out = c.render(row, st.name)
     out["alive_period"] = st.config.alive_period
+    if key is not None:
+        out["key"] = key
+    out["token"], out["expires_in"] = st.tokens.issue(hostkeys.bound(ident, row["uid"]))
     return FastJSON(out, status_code=201)
+
+
+@router.post("/auth/host", tags=["public"])
+async def host_login(body: HostLoginIn, request: Request, st: St) -> FastJSON:
+    """A host's token from its key (issued at registration): how a worker renews its token after it expired or
+    after a restart. Failures are rate-limited per address (429 with Retry-After)."""
+    address = request.client.host if request.client else "unknown"
+    key = f"host:{address}"
+    wait = st.login_failures_address.retry_after(key)
+    if wait:
+        raise ApiError(429, f"too many failed host logins: retry in {wait:.0f} s", "key",
+                       {"Retry-After": f"{max(1, round(wait))}"})
+    uid = c.ref(body.host, "host")
+    ident = await st.db.run(hostkeys.host_identity, uid, body.key)
+    if ident is None:
+        st.login_failures_address.fail(key)
+        await st.db.run(c.event, None, "auth.host.failed", None, None, None, f"host {uid} from {address}")
+        raise ApiError(401, "host login failed: unknown host or wrong key (register again)", "key")
+    token, ttl = st.tokens.issue(ident)
+    return FastJSON({"token": token, "expires_in": ttl, "host": uid, "user": ident.uid, "level": ident.level.name})
+
+
+@router.delete("/hosts/{uid}")
+async def delete_host(uid: str, ident: Ident, st: St) -> FastJSON:
+    """Remove a host (its owner or an administrator): its key and tokens are refused at once, and the works it
+    was running go back to PENDING (or ERROR past their retries) without waiting for the alive timeout."""
+    uid = c.ref(uid, "uid")
+    eff = await st.db.run(dispatch.delete_host, ident, uid)
+    hostcache.forget(st, uid)
+    eff.apply(st)
+    return FastJSON({"deleted": uid})
 
 
 @router.get("/hosts")
 async def list_hosts(ident: Ident, st: St) -> FastJSON:
     def run(conn: Any) -> list[dict[str, Any]]:
         q = sa.select(s.hosts).order_by(s.hosts.c.name)
-        if not ident.is_admin:
+        if ident.is_worker:  # a volunteer sees none of the other volunteers' hosts (host tokens: not in scope)
+            q = q.where(sa.false())
+        elif not ident.is_admin:
             q = q.where(sa.or_(s.hosts.c.owner == ident.uid, s.hosts.c.access_rights.op("&")(4) != 0))
         rows = [c.render(r, st.name) for r in conn.execute(q).mappings()]
         running = dict(conn.execute(sa.select(s.tasks.c.host, sa.func.count()).where(
@@ -104,43 +142,57 @@ def _unclaimed(st: ServerState, hold: dict[str, Any], exc: BaseException) -> Non
 
 
 def _alive_mark(st: ServerState, uid: str, tasks: list[str], results: list[str]) -> list[str]:
-    """Record an alive signal in memory; returns the tasks whose state must be read from the database."""
+    """Record host ``uid``'s alive signal in memory; returns the tasks whose state must be read from the database.
+
+    A task is kept alive only by the host it was given to: tasks known to run elsewhere are ignored (the reply
+    says stop), unknown ones and held results are marked once the database says they are this host's."""
     t = time.time()
     live = st.liveness
     live.hosts[uid] = t
+    lookup = []
     for task in tasks:
-        live.tasks[task] = t
-    for task in results:
-        live.tasks[task] = t
-    return [task for task in tasks if task not in live.active_tasks] + list(results)
+        running = live.active_tasks.get(task)
+        if running is None:
+            lookup.append(task)
+        elif running[1] == uid:
+            live.tasks[task] = t
+    return lookup + list(results)
 
 
-def _alive_reply(st: ServerState, tasks: list[str], results: list[str],
+def _alive_reply(st: ServerState, uid: str, tasks: list[str], results: list[str],
                  states: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per task continue or stop; results acknowledged, to send again, or never reported."""
+    """Per task continue or stop; results acknowledged, to send again, or never reported. ``states`` holds only
+    tasks of host ``uid`` (read with that filter): another host's task is never kept alive nor forgotten here."""
+    t = time.time()
     live = st.liveness
     orders = {}
     for task in tasks:
-        if task in live.active_tasks:
-            orders[task] = "continue"
+        running = live.active_tasks.get(task)
+        if running is not None:
+            orders[task] = "continue" if running[1] == uid else "stop"
             continue
         info = states.get(task)
         if info and info["status"] == TaskStatus.RUNNING and info["current"] == task:
-            live.active_tasks[task] = info["work"]
+            live.active_tasks[task] = (info["work"], uid)
+            live.tasks[task] = t
             orders[task] = "continue"
         else:
             orders[task] = "stop"
-            live.tasks.pop(task, None)
+            if info:
+                live.tasks.pop(task, None)
     ack, resend, report = [], {}, []
     for task in results:
         info = states.get(task)
         if info and info["status"] == TaskStatus.DATAREQUEST and info["current"] == task and info["result"]:
             resend[task] = info["result"]
+            live.tasks[task] = t
         elif info and info["status"] == TaskStatus.RUNNING and info["current"] == task:
             report.append(task)  # the server never got this report (e.g. it was down): send it, keep the result
+            live.tasks[task] = t
         else:
             ack.append(task)
-            live.tasks.pop(task, None)
+            if info:
+                live.tasks.pop(task, None)
     return {"tasks": orders, "ack": ack, "resend": resend, "report": report, "alive_period": st.config.alive_period}
 
 
@@ -166,7 +218,7 @@ async def alive_reply(st: ServerState, ident: Identity, uid: str, body: AliveIn)
     lookup = _alive_mark(st, uid, body.tasks, body.results)
     states = await st.db.run_grouped(dispatch.task_states, uid, lookup) if lookup else {}
     _set_active(st, uid, body.active)
-    return _alive_reply(st, body.tasks, body.results, states)
+    return _alive_reply(st, uid, body.tasks, body.results, states)
 
 
 @router.post("/hosts/{uid}/sync")
@@ -195,7 +247,7 @@ async def sync_reply(st: ServerState, ident: Identity, uid: str, body: SyncIn) -
         _unclaimed(st, hold, exc)  # e.g. a malformed report in the same call: nothing of it landed
         raise
     eff.apply(st)
-    out = _alive_reply(st, body.tasks, body.results, states)
+    out = _alive_reply(st, uid, body.tasks, body.results, states)
     out["reports"] = outcomes
     if not works and want and body.wait > 0:
         works = await _long_poll(st, host, version, want, time.monotonic() + min(body.wait, st.config.max_long_poll))

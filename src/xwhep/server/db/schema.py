@@ -31,6 +31,7 @@ users = sa.Table(
     sa.Column("email", sa.String(255), nullable=True),
     sa.Column("x509_dn", sa.String(512), nullable=True, unique=True),
     sa.Column("oidc_subject", sa.String(512), nullable=True),
+    sa.Column("tokens_after", sa.Float, nullable=True),  # tokens issued before this time are refused
 )
 
 usergroups = sa.Table(
@@ -146,6 +147,7 @@ hosts = sa.Table(
     sa.Column("pool", sa.Integer, nullable=False, default=1),
     sa.Column("active", sa.Boolean, nullable=False, default=True),
     sa.Column("last_alive", sa.Float, nullable=True),
+    sa.Column("key_hash", sa.String(64), nullable=True),  # sha256 of the host's own key (its identity)
 )
 
 sessions = sa.Table(

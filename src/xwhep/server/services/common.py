@@ -18,7 +18,7 @@ from xwhep.server.db import schema as s
 from xwhep.server.errors import ApiError, bad_request
 
 _TIME_FIELDS = {"created", "modified", "pending_since", "started", "completed", "last_alive", "ended", "time"}
-_HIDDEN = {"password_hash"}
+_HIDDEN = {"password_hash", "key_hash"}  # secrets (hashed) never leave the server
 
 
 def now() -> float:

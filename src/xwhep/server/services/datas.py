@@ -77,18 +77,11 @@ def _size_matches(conn: Connection, sha: str, size: int) -> bool:
 
 
 def check_upload(conn: Connection, ident: Identity, uid: str) -> dict[str, Any]:
-    """May ``ident`` send the bytes of data ``uid`` now? The owner may; a worker only its task's result."""
+    """May ``ident`` send the bytes of data ``uid`` now? The owner may (a writer per rights); a host only the
+    result of the task it runs (its current attempt, given to this very host)."""
     row = c.load(conn, "data", uid)
-    if ident.is_worker:
-        ok = False
-        if row["work"]:
-            owner = conn.execute(
-                sa.select(s.hosts.c.owner).select_from(
-                    s.works.join(s.tasks, s.tasks.c.uid == s.works.c.task)
-                    .join(s.hosts, s.hosts.c.uid == s.tasks.c.host))
-                .where(s.works.c.uid == row["work"], s.works.c.result == uid)).scalar()
-            ok = owner == ident.uid
-        if not ok:
+    if ident.host is not None or ident.is_worker:
+        if not _result_of_host(conn, ident, row):
             if c.allowed(conn, ident, Action.READ, row):  # e.g. sticky data seen by a virtual worker
                 raise ApiError(403, f"{ident.login} may not write data {uid}")
             raise ApiError(404, f"no data {uid}")
@@ -97,6 +90,15 @@ def check_upload(conn: Connection, ident: Identity, uid: str) -> dict[str, Any]:
     if row["status"] == DataStatus.AVAILABLE:
         raise conflict(f"data {uid} already has its content (sha256 {row['sha256']})", "content")
     return row
+
+
+def _result_of_host(conn: Connection, ident: Identity, row: dict[str, Any]) -> bool:
+    """Is data ``row`` the awaited result of a work whose current task runs on ``ident``'s host?"""
+    if ident.host is None or not row["work"]:
+        return False
+    host = conn.execute(sa.select(s.tasks.c.host).select_from(s.works.join(s.tasks, s.tasks.c.uid == s.works.c.task))
+                        .where(s.works.c.uid == row["work"], s.works.c.result == row["uid"])).scalar()
+    return bool(host == ident.host)
 
 
 def mark_available(conn: Connection, ident: Identity, uid: str, sha: str, size: int) -> tuple[dict[str, Any], Effects]:
@@ -141,11 +143,14 @@ def _release_waiting(conn: Connection, uid: str, actor: str | None, eff: Effects
 
 
 def check_download(conn: Connection, ident: Identity, uid: str) -> dict[str, Any]:
-    """May ``ident`` read the bytes of ``uid``? Readers may; a worker may read what its running tasks need."""
+    """May ``ident`` read the bytes of ``uid``? Readers may (per rights); a host may read what the tasks running
+    on it need, whatever the data's rights (the right to run a work is not the right to read it: a private work
+    runs on a public worker, scoped to its task); a virtual worker also sticky data."""
     row = c.load(conn, "data", uid)
-    if ident.is_worker:  # a worker reads only what its running tasks need (and sticky data if virtual)
+    if ident.is_worker or ident.host is not None:
         sticky_ok = ident.level.name == "VWORKER_USER" and row["access_rights"] & 0x1000
-        if not sticky_ok and not _needed_by_worker(conn, ident, uid):
+        if not sticky_ok and not _needed_by_host(conn, ident, uid) and (
+                ident.is_worker or not c.allowed(conn, ident, Action.READ, row)):
             raise ApiError(404, f"no data {uid}")
     elif not c.allowed(conn, ident, Action.READ, row):
         raise ApiError(404, f"no data {uid}")
@@ -154,11 +159,13 @@ def check_download(conn: Connection, ident: Identity, uid: str) -> dict[str, Any
     return row
 
 
-def _needed_by_worker(conn: Connection, ident: Identity, uid: str) -> bool:
+def _needed_by_host(conn: Connection, ident: Identity, uid: str) -> bool:
+    """Does a task running on ``ident``'s host need data ``uid`` (its stdin, dirin, or its app's data)?"""
+    if ident.host is None:
+        return False
     q = (sa.select(s.works.c.stdin, s.works.c.dirin, s.works.c.app)
-         .select_from(s.tasks.join(s.works, s.works.c.uid == s.tasks.c.work)
-                      .join(s.hosts, s.hosts.c.uid == s.tasks.c.host))
-         .where(s.hosts.c.owner == ident.uid, s.tasks.c.status == TaskStatus.RUNNING))
+         .select_from(s.tasks.join(s.works, s.works.c.task == s.tasks.c.uid))
+         .where(s.tasks.c.host == ident.host, s.tasks.c.status == TaskStatus.RUNNING))
     apps = set()
     for stdin, dirin, app in conn.execute(q):
         if uid in (stdin, dirin):

@@ -20,8 +20,9 @@ from xwhep.core.uri import new_uid
 from xwhep.server.auth import Identity
 from xwhep.server.db import raw
 from xwhep.server.db import schema as s
-from xwhep.server.errors import ApiError, bad_request, forbidden
+from xwhep.server.errors import ApiError, bad_request
 from xwhep.server.services import common as c
+from xwhep.server.services import hostkeys
 from xwhep.server.services.effects import Effects
 from xwhep.server.services.works import Resolver, profile_of
 
@@ -49,8 +50,14 @@ def move(conn: Connection, work: dict[str, Any], target: WorkStatus, actor: str 
 
 # -- hosts -----------------------------------------------------------------------------------------------------
 
-def register(conn: Connection, ident: Identity, desc: Mapping[str, Any]) -> dict[str, Any]:
-    """Create or refresh the host a worker runs as; the caller becomes its owner."""
+def register(conn: Connection, ident: Identity, desc: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Create or refresh the host a worker runs as; the caller becomes its owner. Returns the host's row and, for
+    a new host, its key (services/hostkeys.py: shown once, the server keeps only its digest).
+
+    An existing host is refreshed only by its owner giving the host's key. Any other request — an unknown uid,
+    another's host, a wrong or missing key — registers a *new* host with a uid the server chooses: a uid is never
+    taken over, and the answer says nothing of whether the uid existed.
+    """
     t = c.now()
     values = {
         "name": str(desc.get("name") or "unnamed")[:255],
@@ -68,17 +75,17 @@ def register(conn: Connection, ident: Identity, desc: Mapping[str, Any]) -> dict
     uid = desc.get("uid")
     if uid:
         uid = c.ref(str(uid), "uid")
-        row = conn.execute(sa.select(s.hosts.c.owner).where(s.hosts.c.uid == uid)).first()
-        if row is not None:
-            if row[0] != ident.uid and not ident.is_admin:
-                raise forbidden(f"host {uid} belongs to another identity")
+        row = conn.execute(sa.select(s.hosts.c.owner, s.hosts.c.key_hash).where(s.hosts.c.uid == uid)).first()
+        if row is not None and row[0] == ident.uid and hostkeys.key_matches(row[1], desc.get("key")):
             conn.execute(s.hosts.update().where(s.hosts.c.uid == sa.bindparam("h")), {"h": uid, **values})
             c.event(conn, ident.uid, "host.register", uid, detail="re-registered")
-            return c.load(conn, "host", uid)
-    uid = uid or new_uid()
-    conn.execute(s.hosts.insert(), {"uid": uid, "owner": ident.uid, "access_rights": 0x700, "created": t, **values})
+            return c.load(conn, "host", uid), None
+    uid = new_uid()
+    key = hostkeys.new_key()
+    conn.execute(s.hosts.insert(), {"uid": uid, "owner": ident.uid, "access_rights": 0x700, "created": t,
+                                    "key_hash": hostkeys.digest(key), **values})
     c.event(conn, ident.uid, "host.register", uid)
-    return c.load(conn, "host", uid)
+    return c.load(conn, "host", uid), key
 
 
 def host_profile(row: Mapping[str, Any], ident_level: Any, ident_group: str | None) -> HostProfile:
@@ -166,7 +173,7 @@ def claim(conn: Connection, host: HostProfile, picked: list[str]) -> tuple[list[
         ev.append({"actor": host.owner, "action": "work.transition", "object": w["uid"], "source": "PENDING",
                    "target": "RUNNING", "detail": f"host {host.uid} task {task}"})
         eff.running[w["owner"]] += 1
-        eff.tasks_started[task] = w["uid"]
+        eff.tasks_started[task] = (w["uid"], host.uid)
         rset = w["replica_of"] or (w["uid"] if w["replicas"] > 1 else None)
         if rset:
             eff.replica_hosts.append((rset, host.uid))
@@ -406,27 +413,56 @@ def reap(conn: Connection, cutoff: float) -> tuple[int, Effects]:
         s.tasks.c.status.in_([TaskStatus.RUNNING, TaskStatus.DATAREQUEST]),
         s.tasks.c.last_alive < cutoff)).all()
     for task_uid, work_uid, host_uid in silent:
-        conn.execute(s.tasks.update().where(s.tasks.c.uid == task_uid).values(
-            status=TaskStatus.LOST, ended=c.now(), modified=c.now(), reason="alive timeout"))
-        c.event(conn, None, "task.lost", task_uid, detail=f"host {host_uid} silent")
-        eff.tasks_ended.append(task_uid)
-        row = conn.execute(sa.select(s.works).where(s.works.c.uid == work_uid)).mappings().first()
-        if row is None or row["task"] != task_uid or row["status"] not in (W.RUNNING, W.DATAREQUEST):
-            continue
-        work = dict(row)
-        eff.running[work["owner"]] -= 1
-        if work["status"] == W.DATAREQUEST and work["result"]:  # the promised result will never come
-            conn.execute(s.datas.delete().where(s.datas.c.uid == work["result"],
-                                                s.datas.c.status == DataStatus.UNAVAILABLE))
-        move(conn, work, W.LOST, None, f"alive timeout on host {host_uid}", result=None)
-        target, retries, reason = after_loss(work["retries"], work["max_retries"])
-        if target == W.ERROR:
-            move(conn, work, W.ERROR, None, reason, retries=retries, reason=reason, host=None, task=None)
-            settle_replicas(conn, work, None)
-        else:
-            move(conn, work, W.PENDING, None, reason, retries=retries, host=None, task=None)
-            requeue(conn, work, eff)
+        _lose(conn, task_uid, work_uid, f"host {host_uid} silent", "alive timeout",
+              f"alive timeout on host {host_uid}", eff)
     return len(silent), eff
+
+
+def _lose(conn: Connection, task_uid: str, work_uid: str, event_detail: str, task_reason: str, why: str,
+          eff: Effects) -> None:
+    """Task ``task_uid`` will never report: LOST; its work goes back to PENDING (retry+1) or to ERROR."""
+    conn.execute(s.tasks.update().where(s.tasks.c.uid == task_uid).values(
+        status=TaskStatus.LOST, ended=c.now(), modified=c.now(), reason=task_reason))
+    c.event(conn, None, "task.lost", task_uid, detail=event_detail)
+    eff.tasks_ended.append(task_uid)
+    row = conn.execute(sa.select(s.works).where(s.works.c.uid == work_uid)).mappings().first()
+    if row is None or row["task"] != task_uid or row["status"] not in (W.RUNNING, W.DATAREQUEST):
+        return
+    work = dict(row)
+    eff.running[work["owner"]] -= 1
+    if work["status"] == W.DATAREQUEST and work["result"]:  # the promised result will never come
+        conn.execute(s.datas.delete().where(s.datas.c.uid == work["result"],
+                                            s.datas.c.status == DataStatus.UNAVAILABLE))
+    move(conn, work, W.LOST, None, why, result=None)
+    target, retries, reason = after_loss(work["retries"], work["max_retries"])
+    if target == W.ERROR:
+        move(conn, work, W.ERROR, None, reason, retries=retries, reason=reason, host=None, task=None)
+        settle_replicas(conn, work, None)
+    else:
+        move(conn, work, W.PENDING, None, reason, retries=retries, host=None, task=None)
+        requeue(conn, work, eff)
+
+
+def delete_host(conn: Connection, ident: Identity, host_uid: str) -> Effects:
+    """Remove a host (its owner or an administrator): its key and tokens stop working at once, and the works it
+    was running are LOST now rather than at the alive timeout (charged as any loss: the host may have cheated)."""
+    row = conn.execute(sa.select(s.hosts.c.owner).where(s.hosts.c.uid == host_uid)).first()
+    if row is None or (row[0] != ident.uid and not ident.is_admin):
+        raise ApiError(404, f"no host {host_uid}")
+    return remove_host(conn, ident, host_uid)
+
+
+def remove_host(conn: Connection, ident: Identity, host_uid: str) -> Effects:
+    """:func:`delete_host` once allowed (also when its owner is deleted)."""
+    eff = Effects()
+    running = conn.execute(sa.select(s.tasks.c.uid, s.tasks.c.work).where(
+        s.tasks.c.host == host_uid, s.tasks.c.status.in_([TaskStatus.RUNNING, TaskStatus.DATAREQUEST]))).all()
+    for task_uid, work_uid in running:
+        _lose(conn, task_uid, work_uid, f"host {host_uid} deleted", "host deleted",
+              f"host {host_uid} deleted by {ident.login}", eff)
+    conn.execute(s.hosts.delete().where(s.hosts.c.uid == host_uid))
+    c.event(conn, ident.uid, "host.delete", host_uid)
+    return eff
 
 
 def flush_alive(conn: Connection, hosts: dict[str, float], tasks: dict[str, float]) -> None:

@@ -29,7 +29,7 @@ class Effects:
     pending: list[tuple[str, int, WorkProfile, str | None, str | None]] = field(default_factory=list)
     discard: list[str] = field(default_factory=list)
     running: Deltas = field(default_factory=Deltas)  # owner → change in running works
-    tasks_started: dict[str, str] = field(default_factory=dict)  # task → work
+    tasks_started: dict[str, tuple[str, str]] = field(default_factory=dict)  # task → (work, host)
     tasks_ended: list[str] = field(default_factory=list)
     replica_hosts: list[tuple[str, str]] = field(default_factory=list)  # (replica set, host)
     blobs: list[str] = field(default_factory=list)  # sha256 of blobs to free

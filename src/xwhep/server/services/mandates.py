@@ -144,4 +144,4 @@ def act_for(conn: Connection, ident: Identity, ref: str, what: str) -> Identity:
                         f"{c.iso(m[1])}")
     c.event(conn, ident.uid, "mandate.use", mandator["uid"], None, None, f"mandate {m[0]}: {what}"[:2000])
     return Identity(uid=mandator["uid"], login=mandator["login"], level=UsageLevel[mandator["level"]],
-                    usergroup=mandator["usergroup"], via=ident.uid)
+                    usergroup=mandator["usergroup"], via=ident.uid, issued=c.now())  # checked live, each request

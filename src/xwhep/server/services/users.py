@@ -15,7 +15,8 @@ from xwhep.server.auth import Identity, hash_password
 from xwhep.server.db import schema as s
 from xwhep.server.errors import ApiError, bad_request, conflict, forbidden
 from xwhep.server.services import common as c
-from xwhep.server.services import mandates
+from xwhep.server.services import dispatch, mandates
+from xwhep.server.services.effects import Effects
 
 
 def create_user(conn: Connection, ident: Identity | None, spec: dict[str, Any], server: str) -> dict[str, Any]:
@@ -112,20 +113,48 @@ def list_groups(conn: Connection, ident: Identity, server: str) -> list[dict[str
             .mappings()]
 
 
-def delete_user(conn: Connection, ident: Identity, uid: str) -> None:
+def delete_user(conn: Connection, ident: Identity, uid: str) -> tuple[list[str], Effects]:
+    """Remove a user, its mandates and its hosts (their keys die with their owner; the works they ran go back to
+    PENDING). Returns the hosts removed and the effects to apply."""
     row = c.load(conn, "user", uid)
     if not ident.is_admin and not (ident.level == UsageLevel.ADVANCED_USER and row["usergroup"] == ident.usergroup
                                    and row["uid"] != ident.uid):
         raise ApiError(404, f"no user {uid}")
+    eff = Effects()
+    hosts = list(conn.execute(sa.select(s.hosts.c.uid).where(s.hosts.c.owner == uid)).scalars())
+    for host in hosts:
+        eff.merge(dispatch.remove_host(conn, ident, host))
     conn.execute(s.users.delete().where(s.users.c.uid == uid))
     mandates.forget_user(conn, uid)
     c.event(conn, ident.uid, "user.delete", uid)
+    return hosts, eff
 
 
-def set_password(conn: Connection, ident: Identity, uid: str, password: str) -> None:
-    row = c.load_checked(conn, ident, "user", uid, Action.WRITE) if ident.uid != uid else c.load(conn, "user", uid)
+def check_password(password: object) -> str:
+    """The password policy (before any hashing)."""
     if not isinstance(password, str) or len(password) < 8:
         raise bad_request("password: at least 8 characters", "password")
+    return password
+
+
+def set_password(conn: Connection, ident: Identity, uid: str, password_hash: str) -> None:
+    """Store a new password (already checked and hashed off the event loop) and void every token issued before:
+    a stolen token must not outlive the password change that was meant to end it."""
+    row = c.load_checked(conn, ident, "user", uid, Action.WRITE) if ident.uid != uid else c.load(conn, "user", uid)
+    t = c.now()
     conn.execute(s.users.update().where(s.users.c.uid == row["uid"]).values(
-        password_hash=hash_password(password), modified=c.now()))
+        password_hash=password_hash, modified=t, tokens_after=t))
     c.event(conn, ident.uid, "user.password", uid)
+
+
+def revoke_tokens(conn: Connection, ident: Identity, uid: str) -> None:
+    """End every session of user ``uid`` now (its tokens, and its hosts' tokens: hosts get new ones with their
+    keys). The user itself, its group administrator or an administrator."""
+    row = c.load(conn, "user", uid)
+    allowed = (ident.is_admin or ident.uid == uid
+               or (ident.level == UsageLevel.ADVANCED_USER and row["usergroup"] == ident.usergroup))
+    if not allowed:
+        raise ApiError(404, f"no user {uid}")
+    t = c.now()
+    conn.execute(s.users.update().where(s.users.c.uid == uid).values(tokens_after=t, modified=t))
+    c.event(conn, ident.uid, "user.revoke", uid)

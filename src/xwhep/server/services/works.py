@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 from xwhep.core.expressions import BadExpression, check_expression
 from xwhep.core.matching import HostProfile, WorkProfile, summarize
 from xwhep.core.model import AppType, DataStatus, UsageLevel, WorkStatus
-from xwhep.core.rights import Action, BadRights, clamp_to, parse_rights
+from xwhep.core.rights import PRIVATE, Action, BadRights, clamp_to, format_rights, parse_rights
 from xwhep.core.states import is_final, transition
 from xwhep.core.tunnels import BadAddress, parse_forwards, parse_target, work_address
 from xwhep.core.uri import new_uid
@@ -277,13 +277,18 @@ def _build(res: Resolver, ident: Identity, spec: Mapping[str, Any], t: float, li
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise bad_request("env: expected an object of string values", "env")
     args = _args(spec)
-    rights = app["access_rights"]
+    # private to its owner unless asked otherwise, whatever the app's rights: others' args, env, results and
+    # tunnels are nobody's business (running on public workers needs no read right, core/matching.py)
+    rights = PRIVATE
     if spec.get("access_rights") is not None:
         try:
             rights = parse_rights(str(spec["access_rights"]))
         except BadRights as exc:
             raise bad_request(f"access_rights: {exc}", "access_rights") from None
-    rights = clamp_to(rights, app["access_rights"])
+        if clamp_to(rights, app["access_rights"]) != rights:  # never store less than asked without saying so
+            raise bad_request(f"access_rights: a work is never more open than its app ({format_rights(rights)} "
+                              f"asked, app {app['name']} is {format_rights(app['access_rights'])})",
+                              "access_rights")
     replicas = _int(spec, "replicas", 1, 1, 1000) or 1
     expected = spec.get("expected_host")
     if expected is not None and not isinstance(expected, str):
