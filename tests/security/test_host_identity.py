@@ -7,6 +7,7 @@ the host it was given to."""
 from __future__ import annotations
 
 import hashlib
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,7 @@ def test_host_key_renews_its_token_and_deletion_revokes_it(make_server: Callable
     w = SdkWorker(srv.client("worker"), "h")
     [task] = w.take(1, wait=5)
     # a fresh token from the key alone (what a worker does after a restart or expiry)
-    ca = str(srv.ca)
-    with httpx.Client(verify=ca) as http:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(srv.ca))) as http:
         r = http.post(f"{srv.url}/api/v1/auth/host", json={"host": w.host, "key": w.registration["key"]})
         assert r.status_code == 200, r.text
         token = r.json()["token"]
