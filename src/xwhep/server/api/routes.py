@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Annotated, Any
 
+import anyio
 import anyio.to_thread
 import sqlalchemy as sa
 from fastapi import APIRouter, Body, Depends, Query, Request
@@ -153,9 +154,19 @@ async def why(uid: str, ident: Ident, st: St) -> FastJSON:
     """Why is this work pending: per requirement, how many registered hosts satisfy it."""
     from xwhep.server.hosts import all_profiles
 
-    profiles = await all_profiles(st)
     since = time.time() - st.config.alive_timeout
-    return FastJSON(await st.db.run(works.why, ident, c.ref(uid, "uid"), profiles, since))
+    ctx = await st.db.run(works.why_context, ident, c.ref(uid, "uid"), since)
+    profiles = await all_profiles(st)
+    # Every host's requirements expression is evaluated (each within its budget): in a worker thread, never on the
+    # event loop, a few requests at a time, and for a bounded time in all ("partial" past it).
+    global _why_slots
+    if _why_slots is None:
+        _why_slots = anyio.CapacityLimiter(2)
+    return FastJSON(await anyio.to_thread.run_sync(works.why_report, ctx, profiles, works.WHY_SECONDS,
+                                                   lambda: st.scheduler.closing, limiter=_why_slots))
+
+
+_why_slots: anyio.CapacityLimiter | None = None
 
 
 @router.get("/works/{uid}/tasks")

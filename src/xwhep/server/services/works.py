@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from xwhep.core.expressions import BadExpression, check_expression
-from xwhep.core.matching import HostProfile, WorkProfile, summarize
+from xwhep.core.matching import HostProfile, WorkProfile, survey
 from xwhep.core.model import AppType, DataStatus, UsageLevel, WorkStatus
 from xwhep.core.rights import Action, BadRights, clamp_to, parse_rights
 from xwhep.core.states import is_final, transition
@@ -469,26 +469,39 @@ def delete_many(conn: Connection, ident: Identity, where: sa.ColumnElement[bool]
 
 # -- why pending -----------------------------------------------------------------------------------------------
 
-def why(conn: Connection, ident: Identity, uid: str, hosts: list[HostProfile], alive_since: float) -> dict[str, Any]:
-    """Per requirement, how many registered hosts satisfy it (``condor_q -better-analyze``)."""
+WHY_SECONDS = 3.0  # the most time ``why`` spends checking hosts; past it the answer says "partial"
+
+
+def why_context(conn: Connection, ident: Identity, uid: str, alive_since: float) -> dict[str, Any]:
+    """What ``why`` needs from the database (checked: ``ident`` may read the work); the hosts are checked apart,
+    off the event loop (:func:`why_report`)."""
     row = c.load_checked(conn, ident, "work", uid, Action.READ)
     app = c.load(conn, "app", row["app"])
     res = Resolver(conn, ident)
-    profile = profile_of(row, app, res.owner_group(row["owner"]))
-    rows = summarize(profile, hosts)
-    alive = conn.execute(sa.select(s.hosts.c.uid).where(s.hosts.c.last_alive >= alive_since)).scalars().all()
-    alive_set = set(alive)
-    alive_rows = summarize(profile, [h for h in hosts if h.uid in alive_set])
-    fit_alive = alive_rows[-1][1]
+    alive = set(conn.execute(sa.select(s.hosts.c.uid).where(s.hosts.c.last_alive >= alive_since)).scalars().all())
     ahead = conn.execute(sa.select(sa.func.count()).select_from(s.works).where(
         s.works.c.status == WorkStatus.PENDING, s.works.c.id < row["id"])).scalar()
-    return {
-        "uid": uid, "status": row["status"], "reason": row["reason"], "retries": row["retries"],
-        "max_retries": row["max_retries"], "hosts": len(hosts), "hosts_alive": len(alive_set),
-        "matching_alive": fit_alive, "pending_ahead": ahead,
+    return {"profile": profile_of(row, app, res.owner_group(row["owner"])), "alive": alive, "ahead": ahead,
+            "head": {"uid": uid, "status": row["status"], "reason": row["reason"], "retries": row["retries"],
+                     "max_retries": row["max_retries"]}}
+
+
+def why_report(ctx: Mapping[str, Any], hosts: list[HostProfile], seconds: float = WHY_SECONDS,
+               stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Per requirement, how many registered hosts satisfy it (``condor_q -better-analyze``), checking hosts for at
+    most ``seconds``: then ``partial`` is true and ``checked`` says how many of ``hosts`` were. CPU-bound (one
+    requirements expression per host): run it in a worker thread."""
+    found = survey(ctx["profile"], hosts, ctx["alive"], seconds, stop)
+    out = {
+        **ctx["head"], "hosts": len(hosts), "hosts_alive": len(ctx["alive"]), "matching_alive": found.fit_alive,
+        "pending_ahead": ctx["ahead"], "checked": found.checked, "partial": found.partial,
         "requirements": [{"name": n, "satisfied_by": ok, "of": tot, "example_failure": sample}
-                         for n, ok, tot, sample in rows],
+                         for n, ok, tot, sample in found.rows],
     }
+    if found.partial:
+        out["note"] = (f"partial: {found.checked} of {found.total} hosts checked (the check stops after "
+                       f"{seconds:g} s)")
+    return out
 
 
 def check_transition(current: str, target: str) -> None:
