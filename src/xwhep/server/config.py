@@ -20,7 +20,8 @@ class ServerConfig:
     reaper_period: float | None = None  # default: alive_timeout / 4
     flush_period: float = 1.0  # alive times are batched to the database this often
     max_long_poll: float = 30.0
-    max_bag: int = 10_000  # works per bulk submission
+    max_bag: int = 10_000  # works per bulk submission (replicas included)
+    max_hosts_per_user: int = 64  # hosts a user may register (worker identities and administrators: no limit)
     max_json_body: int = 64 * 1024 * 1024
     public_name: str | None = None  # host[:port] used in xw:// URIs; default host:port
     # Security settings, usually from HOME/server.toml (see load_settings):
@@ -41,6 +42,8 @@ class ServerConfig:
         self.delegated_registration = bool(data.get("delegated_registration", self.delegated_registration))
         if "relay_port" in data:
             self.relay_port = int(data["relay_port"])
+        if "max_hosts_per_user" in data:
+            self.max_hosts_per_user = int(data["max_hosts_per_user"])
         rate = data.get("login_rate")
         if rate:
             self.login_rate = (int(rate["failures"]), float(rate["window_s"]))

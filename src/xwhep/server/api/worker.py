@@ -33,7 +33,7 @@ St = Annotated[ServerState, Depends(state_dep)]
 @router.post("/hosts", status_code=201)
 async def register(body: HostSpec, ident: Ident, st: St) -> FastJSON:
     """Register (or re-register) the caller's host with its description and sharings."""
-    row = await st.db.run_grouped(dispatch.register, ident, dump(body))
+    row = await st.db.run_grouped(dispatch.register, ident, dump(body), st.config.max_hosts_per_user)
     hostcache.remember(st, row, ident.level, ident.usergroup)
     st.liveness.hosts[row["uid"]] = time.time()
     out = c.render(row, st.name)

@@ -13,6 +13,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from xwhep.core.expressions import MAX_HOST_ITEMS
 from xwhep.core.matching import HostProfile
 from xwhep.core.model import AppType, DataStatus, TaskStatus, WorkStatus, normalize_cpu, normalize_os
 from xwhep.core.states import after_loss, is_final, transition
@@ -49,8 +50,11 @@ def move(conn: Connection, work: dict[str, Any], target: WorkStatus, actor: str 
 
 # -- hosts -----------------------------------------------------------------------------------------------------
 
-def register(conn: Connection, ident: Identity, desc: Mapping[str, Any]) -> dict[str, Any]:
-    """Create or refresh the host a worker runs as; the caller becomes its owner."""
+def register(conn: Connection, ident: Identity, desc: Mapping[str, Any],
+             max_hosts: int | None = None) -> dict[str, Any]:
+    """Create or refresh the host a worker runs as; the caller becomes its owner. A user (not a worker identity,
+    not an administrator) owns at most ``max_hosts`` hosts."""
+    _check_sharings(desc)
     t = c.now()
     values = {
         "name": str(desc.get("name") or "unnamed")[:255],
@@ -76,9 +80,30 @@ def register(conn: Connection, ident: Identity, desc: Mapping[str, Any]) -> dict
             c.event(conn, ident.uid, "host.register", uid, detail="re-registered")
             return c.load(conn, "host", uid)
     uid = uid or new_uid()
+    _check_quota(conn, ident, max_hosts)
     conn.execute(s.hosts.insert(), {"uid": uid, "owner": ident.uid, "access_rights": 0x700, "created": t, **values})
     c.event(conn, ident.uid, "host.register", uid)
     return c.load(conn, "host", uid)
+
+
+def _check_sharings(desc: Mapping[str, Any]) -> None:
+    """A host's lists are fed to every work's requirements expression: bounded (400 naming the field)."""
+    for key in ("apptypes", "packages", "datas"):
+        items = desc.get(key) or ()
+        if len(items) > MAX_HOST_ITEMS:
+            raise bad_request(f"{key}: {len(items):,} items, at most {MAX_HOST_ITEMS}", key)
+
+
+def _check_quota(conn: Connection, ident: Identity, max_hosts: int | None) -> None:
+    """A new host of a user beyond ``max_hosts`` is refused (403): registering is cheap, and every host is checked
+    by ``why`` and the scheduler. Worker identities (pools of workers) and administrators are not counted."""
+    if max_hosts is None or ident.is_worker or ident.is_admin:
+        return
+    n = conn.execute(sa.select(sa.func.count()).select_from(s.hosts).where(s.hosts.c.owner == ident.uid)).scalar()
+    if n >= max_hosts:
+        raise ApiError(403, f"hosts: {ident.login} already owns {n} hosts, at most {max_hosts} per user "
+                            "(max_hosts_per_user); re-register an existing host (its uid) or ask an administrator",
+                       "hosts")
 
 
 def host_profile(row: Mapping[str, Any], ident_level: Any, ident_group: str | None) -> HostProfile:
