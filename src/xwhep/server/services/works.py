@@ -165,6 +165,11 @@ def submit(conn: Connection, ident: Identity, specs: list[dict[str, Any]], serve
         raise bad_request("works: the bag is empty", "works")
     if len(specs) > max_bag:
         raise ApiError(413, f"works: {len(specs)} works in one request, at most {max_bag}", "works")
+    # the bound is on works made, replicas included (a bad replicas value is refused with its field below)
+    total = sum(r if type(r) is int and r > 1 else 1 for r in (spec.get("replicas") for spec in specs))
+    if total > max_bag:
+        raise ApiError(413, f"works: {total:,} works in one request ({len(specs):,} specs with their replicas), "
+                            f"at most {max_bag:,}", "works")
     res = Resolver(conn, ident)
     t = c.now()
     rows: list[dict[str, Any]] = []
