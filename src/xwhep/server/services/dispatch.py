@@ -344,7 +344,9 @@ def _one_report(conn: Connection, ident: Identity, task: dict[str, Any], work: d
         raise bad_request("result.sha256: expected 64 hexadecimal characters", "result")
     t = c.now()
     data_uid = new_uid()
-    available = blob_exists(sha)  # same bytes already stored: no upload needed
+    # same bytes already stored, and the work's owner has them already: no upload needed (a worker that names
+    # another user's checksum must not hand that user's bytes to the work's owner)
+    available = blob_exists(sha) and _owner_has(conn, work["owner"], sha, size)
     conn.execute(s.datas.insert().values(
         uid=data_uid, owner=work["owner"], access_rights=work["access_rights"], created=t, modified=t,
         name=str(result.get("name") or f"{work['uid']}-result.zip")[:255], type=str(result.get("type") or "zip"),
@@ -407,6 +409,13 @@ def requeue(conn: Connection, work: Mapping[str, Any], eff: Effects) -> None:
     rset = work["replica_of"] or (work["uid"] if work["replicas"] > 1 else None)
     eff.pending.append((work["uid"], int(seq or 0), profile_of(work, app, res.owner_group(work["owner"])),
                         work["rank"], rset))
+
+
+def _owner_has(conn: Connection, owner: str, sha: str, size: int) -> bool:
+    """An AVAILABLE data of ``owner`` (or one everybody reads) holds these bytes."""
+    return conn.execute(sa.select(s.datas.c.uid).where(
+        s.datas.c.sha256 == sha, s.datas.c.size == size, s.datas.c.status == DataStatus.AVAILABLE,
+        sa.or_(s.datas.c.owner == owner, s.datas.c.access_rights.op("&")(4) != 0)).limit(1)).first() is not None
 
 
 def result_arrived(conn: Connection, data: Mapping[str, Any], actor: str | None, eff: Effects) -> None:
