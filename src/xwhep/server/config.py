@@ -27,7 +27,9 @@ class ServerConfig:
     # Security settings, usually from HOME/server.toml (see load_settings):
     oidc: list[dict[str, Any]] = field(default_factory=list)  # [[oidc]] issuer, audience, client_id, …
     delegated_registration: bool = False  # a valid but unknown X.509 certificate creates a STANDARD_USER
-    login_rate: tuple[int, float] = (5, 60.0)  # failed logins allowed per account/address per window (s)
+    # failed logins free per (account, address) (4x that per address), and the longest wait after them (s); each
+    # further failure doubles the wait (1, 2, 4 ... s). server.toml: login_rate = {failures = 5, window_s = 60}
+    login_rate: tuple[int, float] = (5, 60.0)
     # The raw relay port (tunnels' fast data path; docs/tunnels.md): None = the port after the main one (any
     # free port when the main one is 0; none if taken), 0 = any free port, -1 = none (WebSockets only).
     relay_port: int | None = None

@@ -61,26 +61,29 @@ async def version() -> FastJSON:
 
 @router.post("/auth/login", tags=["public"])
 async def login(body: LoginIn, request: Request, st: St) -> FastJSON:
-    """Password login; the answer is a short-lived bearer token. Failures are rate-limited per account and
-    per address (429 with Retry-After)."""
+    """Password login; the answer is a short-lived bearer token. Failures slow down the (account, address) pair
+    and, past a higher threshold, the address: 429 with a Retry-After that doubles with each further failure.
+    Nothing locks an account as such: its owner logs in from another address at once."""
     address = request.client.host if request.client else "unknown"
-    keys = (f"acct:{body.login}", f"addr:{address}")
-    limiters = (st.login_failures_account, st.login_failures_address)
-    wait = max((lim.retry_after(k) or 0.0 for lim, k in zip(limiters, keys, strict=True)), default=0.0)
+    pair, addr = f"{body.login}\0{address}", f"addr:{address}"
+    limits = ((st.login_failures, pair), (st.login_failures_address, addr))
+    wait = max((lim.retry_after(k) or 0.0 for lim, k in limits), default=0.0)
     if wait:
+        # trying again before the wait is over is one more failure: the wait grows instead of running out
+        wait = max(lim.fail(k) if lim.retry_after(k) else 0.0 for lim, k in limits)
         await st.db.run(c.event, None, "auth.login.throttled", None, None, None,
-                        f"login {body.login} from {address}")
+                        f"login {body.login} from {address}: wait {wait:.0f} s")
         raise ApiError(429, f"too many failed logins: retry in {wait:.0f} s", "password",
                        {"Retry-After": f"{max(1, round(wait))}"})
     ident, stored = await st.db.run(users.credentials, body.login)
     if not await anyio.to_thread.run_sync(verify_password, stored, body.password):
         ident = None
     if ident is None:
-        for lim, k in zip(limiters, keys, strict=True):
+        for lim, k in limits:
             lim.fail(k)
         await st.db.run(c.event, None, "auth.login.failed", None, None, None, f"login {body.login} from {address}")
         raise ApiError(401, "login failed: unknown login or wrong password", "password")
-    st.login_failures_account.reset(keys[0])
+    st.login_failures.reset(pair)
     await st.db.run(c.event, ident.uid, "auth.login", ident.uid)
     token, ttl = st.tokens.issue(ident)
     return FastJSON({"token": token, "expires_in": ttl, "user": ident.uid, "level": ident.level.name})
