@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from xwhep import __version__
-from xwhep.core.rights import Action, BadRights, clamp_to, format_rights, parse_rights
+from xwhep.core.rights import Action, BadRights, format_rights, parse_rights
 from xwhep.core.states import is_final
 from xwhep.server.api.deps import FastJSON, identity, state_dep
 from xwhep.server.api.models import (
@@ -420,11 +420,14 @@ async def chmod(uid: str, body: ChmodIn, ident: Ident, st: St) -> FastJSON:
             rights = parse_rights(body.access_rights, row["access_rights"])
         except BadRights as exc:
             raise bad_request(f"access_rights: {exc}", "access_rights") from None
+        # what is stored is what was asked, or the request is refused with the reason (never clamped silently)
         if kind == "work":
-            app_rights = conn.execute(sa.select(s.apps.c.access_rights).where(s.apps.c.uid == row["app"])).scalar()
-            rights = clamp_to(rights, app_rights)
-        if kind == "app" and not ident.is_admin:
-            rights &= 0x1750 if ident.level.name == "ADVANCED_USER" else 0x1700
+            app = conn.execute(sa.select(s.apps.c.name, s.apps.c.access_rights)
+                               .where(s.apps.c.uid == row["app"])).first()
+            if app is not None:
+                works.check_work_rights(rights, app[0], app[1])
+        if kind == "app":
+            apps.check_app_rights(ident, rights)
         table = s.TABLES_BY_TYPE[kind]
         conn.execute(table.update().where(table.c.uid == row["uid"]).values(access_rights=rights, modified=c.now()))
         c.event(conn, ident.uid, f"{kind}.chmod", row["uid"], format_rights(row["access_rights"]),

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 from xwhep.core.expressions import BadExpression, check_expression
 from xwhep.core.matching import HostProfile, WorkProfile, survey
 from xwhep.core.model import AppType, DataStatus, UsageLevel, WorkStatus
-from xwhep.core.rights import Action, BadRights, clamp_to, parse_rights
+from xwhep.core.rights import Action, BadRights, clamp_to, format_rights, parse_rights
 from xwhep.core.states import is_final, transition
 from xwhep.core.tunnels import BadAddress, parse_forwards, parse_target, work_address
 from xwhep.core.uri import new_uid
@@ -288,7 +288,7 @@ def _build(res: Resolver, ident: Identity, spec: Mapping[str, Any], t: float, li
             rights = parse_rights(str(spec["access_rights"]))
         except BadRights as exc:
             raise bad_request(f"access_rights: {exc}", "access_rights") from None
-    rights = clamp_to(rights, app["access_rights"])
+        check_work_rights(rights, app["name"], app["access_rights"])
     replicas = _int(spec, "replicas", 1, 1, 1000) or 1
     expected = spec.get("expected_host")
     if expected is not None and not isinstance(expected, str):
@@ -321,6 +321,15 @@ def _build(res: Resolver, ident: Identity, spec: Mapping[str, Any], t: float, li
     for r in out:
         apps_of[r["uid"]] = app
     return out
+
+
+def check_work_rights(rights: int, app_name: str, app_rights: int) -> None:
+    """A work is never more open than its app: asking for more is refused (403 naming access_rights)."""
+    allowed = clamp_to(rights, app_rights)
+    if allowed != rights:
+        raise ApiError(403, f"access_rights: a work is never more open than its app ({app_name} is "
+                            f"{format_rights(app_rights)}): asked {format_rights(rights)}, "
+                            f"{format_rights(allowed)} at most", "access_rights")
 
 
 _PER_WORK = frozenset({"args", "label"})  # the fields in which the works of one bag usually differ
