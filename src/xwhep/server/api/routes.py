@@ -108,7 +108,7 @@ async def submit(body: Annotated[dict[str, Any], Body()], ident: Ident, st: St) 
                  else [set_fields(SUBMISSION.validate_python(body))])
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    out, eff = await st.db.run(works.submit, ident, specs, st.name, st.config.max_bag)
+    out, eff = await st.db.run(works.submit, ident, specs, st.name, st.config.max_bag, st.relay.proxy_refusal)
     eff.apply(st)
     return FastJSON({"works": out} if body_is_bag else out[0], status_code=201)
 

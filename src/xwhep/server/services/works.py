@@ -15,7 +15,7 @@ from xwhep.core.matching import HostProfile, WorkProfile, survey
 from xwhep.core.model import AppType, DataStatus, UsageLevel, WorkStatus
 from xwhep.core.rights import Action, BadRights, clamp_to, format_rights, parse_rights
 from xwhep.core.states import is_final, transition
-from xwhep.core.tunnels import BadAddress, parse_forwards, parse_target, work_address
+from xwhep.core.tunnels import BadAddress, Target, parse_forwards, parse_target, work_address
 from xwhep.core.uri import new_uid
 from xwhep.server.auth import Identity
 from xwhep.server.db import raw
@@ -60,9 +60,11 @@ def app_datas(app: Mapping[str, Any]) -> set[str]:
 class Resolver:
     """Per-transaction caches for the lookups a bag of thousands of works repeats."""
 
-    def __init__(self, conn: Connection, ident: Identity) -> None:
+    def __init__(self, conn: Connection, ident: Identity,
+                 proxy_refusal: Callable[[str, str], str | None] | None = None) -> None:
         self.conn = conn
         self.ident = ident
+        self.proxy_refusal = proxy_refusal  # the relay's say on server proxy addresses (None: not checked here)
         self.apps: dict[str, dict[str, Any]] = {}
         self.datas: dict[str, dict[str, Any]] = {}
         self.groups: dict[str, tuple[str | None, str | None]] = {}
@@ -157,8 +159,10 @@ def _int(spec: Mapping[str, Any], key: str, default: int | None, lo: int = 0, hi
 
 
 def submit(conn: Connection, ident: Identity, specs: list[dict[str, Any]], server: str,
-           max_bag: int) -> tuple[list[dict[str, Any]], Effects]:
-    """Insert a bag of works in one transaction; returns their summaries (uid, uri, status) and effects."""
+           max_bag: int, proxy_refusal: Callable[[str, str], str | None] | None = None
+           ) -> tuple[list[dict[str, Any]], Effects]:
+    """Insert a bag of works in one transaction; returns their summaries (uid, uri, status) and effects.
+    ``proxy_refusal(address, owner)`` says why a server proxy may not be named in forward addresses."""
     if ident.is_worker or ident.level < UsageLevel.STANDARD_USER:
         raise forbidden(f"{ident.login} ({ident.level.name}) may not submit works")
     if not specs:
@@ -170,7 +174,7 @@ def submit(conn: Connection, ident: Identity, specs: list[dict[str, Any]], serve
     if total > max_bag:
         raise ApiError(413, f"works: {total:,} works in one request ({len(specs):,} specs with their replicas), "
                             f"at most {max_bag:,}", "works")
-    res = Resolver(conn, ident)
+    res = Resolver(conn, ident, proxy_refusal)
     t = c.now()
     rows: list[dict[str, Any]] = []
     links: dict[str, int] = {}
@@ -307,7 +311,7 @@ def _build(res: Resolver, ident: Identity, spec: Mapping[str, Any], t: float, li
         "max_retries": _int(spec, "max_retries", DEFAULT_MAX_RETRIES, 0, 1000), "retries": 0,
         "replicas": replicas, "requirements": spec.get("requirements") or None, "rank": spec.get("rank") or None,
         "listen_ports": parse_ports(spec.get("listen_ports")),
-        "forward_addresses": _forward(spec.get("forward_addresses")),
+        "forward_addresses": _forward(spec.get("forward_addresses"), res),
         "result": None, "return_code": None, "reason": None, "host": None, "task": None,
         "pending_since": t if inputs_ready else None, "started": None, "completed": None,
     }
@@ -353,8 +357,9 @@ def _expected(value: str | None) -> str | None:
     return value
 
 
-def _forward(value: Any) -> str | None:
-    """``"ADDRESS,PORT"`` pairs separated by ``;`` (XWHEP's --xwforwardaddresses)."""
+def _forward(value: Any, res: Resolver | None = None) -> str | None:
+    """``"ADDRESS,PORT"`` pairs separated by ``;`` (XWHEP's --xwforwardaddresses). With ``res``, each address
+    must be one the submitter may use: its own server proxy, or a listen port of a work it may execute."""
     if value in (None, ""):
         return None
     if not isinstance(value, str):
@@ -365,11 +370,33 @@ def _forward(value: Any) -> str | None:
             raise bad_request(f"forward_addresses: {pair!r} is not ADDRESS,PORT", "forward_addresses")
         parse_ports(parts[1], "forward_addresses")
     try:  # what the relay will accept: xwproxy:<token> or xw://server/<uid>:<port>, each job-local port once
-        for address, _ in parse_forwards(value):
-            parse_target(address)
+        targets = [(address, parse_target(address)) for address, _ in parse_forwards(value)]
     except BadAddress as exc:
         raise bad_request(f"forward_addresses: {exc}", "forward_addresses") from None
+    if res is not None:
+        for address, target in targets:
+            _may_forward(res, address, target)
     return value
+
+
+def _may_forward(res: Resolver, address: str, target: Target) -> None:
+    """Refused at submission (403 naming forward_addresses) what the relay would refuse when the job connects,
+    so that the work does not run only to find its tunnels closed."""
+    if target.proxy is not None:
+        why = res.proxy_refusal(target.proxy, res.ident.uid) if res.proxy_refusal else None
+        if why:
+            raise ApiError(403, f"forward_addresses: {why}: a work may name only its owner's server proxies",
+                           "forward_addresses")
+        return
+    assert target.work is not None and target.port is not None
+    try:
+        row = c.load_checked(res.conn, res.ident, "work", target.work, Action.EXECUTE)
+    except ApiError as exc:  # 404 (unreadable or unknown: no existence leak) or 403 (readable, not executable)
+        raise ApiError(exc.status, f"forward_addresses: {address}: {exc.message}", "forward_addresses") from None
+    ports = (row["listen_ports"] or "").split(",")
+    if str(target.port) not in ports:
+        raise bad_request(f"forward_addresses: {address}: work {target.work} does not listen on port {target.port} "
+                          f"(its listen ports: {row['listen_ports'] or 'none'})", "forward_addresses")
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
