@@ -152,6 +152,7 @@ def _cost(node: Any) -> tuple[int, int | None]:
     return steps, None
 
 
+@lru_cache(maxsize=4096)
 def static_cost(text: str) -> int:
     """The estimated steps of the worst evaluation of ``text`` (see the module docstring)."""
     return _cost(compile_expression(text).ast)[0]
