@@ -98,3 +98,10 @@ def test_rich_progress_on_a_terminal() -> None:
     with r.waiting({"u": "xw://h/u"}) as change:
         change("u", "COMPLETED")
     assert "downloaded out.zip" in buf.getvalue()
+
+
+def test_why_text_says_when_not_every_host_was_checked() -> None:
+    assert "partial" not in output.why_text(WHY).splitlines()[0]
+    note = "partial: 1 of 2 hosts checked (the check stops after 3 s)"
+    partial = {**WHY, "partial": True, "checked": 1, "note": note}
+    assert output.why_text(partial).splitlines()[0].endswith(f"; {note}")

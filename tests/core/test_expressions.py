@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from xwhep.core.expressions import BadExpression, check_expression, compile_expression, rank_of, requirement_holds
+from xwhep.core.expressions import (
+    MAX_COST,
+    MAX_HOST_ITEMS,
+    MAX_SECONDS,
+    BadExpression,
+    TooCostly,
+    check_expression,
+    compile_expression,
+    evaluate,
+    rank_of,
+    requirement,
+    requirement_holds,
+    static_cost,
+)
 from xwhep.core.matching import HostProfile
 
 HOST: dict[str, Any] = HostProfile(
@@ -190,3 +204,101 @@ def test_no_python_eval(template: str, tmp_path: Path) -> None:
     assert requirement_holds(text, HOST) is False
     assert rank_of(text, HOST) == 0.0
     assert not marker.exists()
+
+
+# -- bounds (issue 13: one expression froze the server) ---------------------------------------------------------
+
+LIST30 = "[" + ",".join(str(i) for i in range(30)) + "]"
+ISSUE_13 = f"size({LIST30}.map(x,{LIST30}.map(y,{LIST30}.map(z,z))))>0"
+# hosts whose lists are as long as registration allows: what a comprehension over them may really walk
+FULL_HOST: dict[str, Any] = {**HOST, "datas": [f"d{i:04d}" for i in range(MAX_HOST_ITEMS)],
+                             "packages": {f"p{i:04d}": "1.0" for i in range(MAX_HOST_ITEMS)}}
+
+
+def test_issue13_nested_comprehensions_are_refused_at_submission() -> None:
+    with pytest.raises(TooCostly) as info:
+        check_expression(ISSUE_13)
+    assert str(info.value).startswith("expression too costly: about ")
+    assert static_cost(ISSUE_13) > MAX_COST
+
+
+@pytest.mark.parametrize(
+    ("text", "bound"),
+    [
+        ("(" * 60 + "true" + ")" * 60, "nested"),  # deep nesting
+        ("[1].map(x, " * 40 + "true" + ")" * 40, "nested"),
+        ("size([" + ",".join(["1"] * 300) + "]) > 0", "a literal of 300 items"),  # big list literal
+        ('size("' + "a" * 2000 + '") > 0', "2,002-character literal"),  # huge string
+        ("host.memory > 0 && " * 300 + "true", "characters"),  # long text
+        ("host.datas.exists(a, host.datas.exists(b, a == b))", "evaluation steps"),  # nested over host lists
+    ],
+)
+def test_costly_expressions_are_refused_with_the_bound_they_pass(text: str, bound: str) -> None:
+    with pytest.raises(TooCostly) as info:
+        check_expression(text)
+    assert str(info.value).startswith("expression too costly:") and bound in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'host.apptypes.exists(t, t == "VM")',
+        'host.datas.all(d, d.startsWith("d"))',
+        'host.packages.exists(k, k.startsWith("py") && host.packages[k].startsWith("3"))',
+        '[1, 2, 3].map(x, x * 2).exists(y, y == host.cores)',
+        "size(host.datas.filter(d, d in host.datas)) >= 0",
+    ],
+)
+def test_ordinary_comprehensions_pass_the_static_check(text: str) -> None:
+    check_expression(text)
+    assert static_cost(text) <= MAX_COST
+
+
+# passes the static check (a host list counts as 64 items there) but walks 256 items for real
+SLIPS_PAST = 'host.datas.exists(d, d.startsWith("x") || d.endsWith("x") || d.contains("x"))'
+ADVERSARIAL = [
+    ISSUE_13,  # 27,000 innermost evaluations
+    f"{LIST30}.reduce(r, i, [1], r + r).size() > 0",  # a list doubling 30 times
+    f'{LIST30}.reduce(r, i, "ab", r + r).size() > 0',  # a string doubling 30 times ("huge string repeat")
+    f"string({LIST30}.reduce(r, i, [1], [r, r])).size() > 0",  # 2^30 shared items, then printed
+    f"{LIST30}.reduce(r, i, [1], [r, r]) == {LIST30}.reduce(r, i, [1], [r, r])",  # compared item by item
+    "host.datas.map(a, host.datas.map(b, a + b)).size() > 0",  # 65,536 strings from the host's lists
+    SLIPS_PAST,
+]
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL)
+def test_evaluation_budget_stops_any_expression(text: str) -> None:
+    """Whatever slips past the static check (or was stored before it existed) stops within the budget: the
+    requirement is false, the rank 0, and the reason says so."""
+    t0 = time.monotonic()
+    ok, reason = requirement(text, FULL_HOST)
+    assert ok is False
+    assert reason is not None and reason.startswith("evaluation stopped: "), reason
+    assert rank_of(text, FULL_HOST) == 0.0
+    # a generous bound for a busy machine; unbounded, the first one alone takes minutes
+    assert time.monotonic() - t0 < 5 * MAX_SECONDS + 2.0
+
+
+def test_an_expression_can_pass_the_static_check_and_still_run_out_of_budget() -> None:
+    check_expression(SLIPS_PAST)
+    assert requirement(SLIPS_PAST, HOST) == (False, None)  # short lists: finished, simply false
+    assert evaluate(SLIPS_PAST, FULL_HOST).over_budget
+
+
+def test_the_step_budget_is_counted_by_the_evaluator() -> None:
+    """The budget hooks into celpy's tree walk: a small budget stops an expression that a large one finishes
+    (if an upgrade of celpy or lark bypassed the hook, the first assertion fails)."""
+    text = f"{LIST30}.all(x, x >= 0)"
+    assert evaluate(text, HOST, steps=50).over_budget
+    assert "more than" in (evaluate(text, HOST, steps=50).error or "")
+    big = evaluate(text, HOST, steps=100_000)
+    assert big.error is None and bool(big.value) is True
+
+
+def test_a_false_requirement_gives_no_reason_and_an_error_does() -> None:
+    assert requirement("host.memory > 1", HOST) == (True, None)
+    assert requirement("host.memory < 1", HOST) == (False, None)
+    ok, reason = requirement("host.nosuch > 1", HOST)
+    assert ok is False and reason is not None and reason.startswith("failed on host")

@@ -217,6 +217,6 @@ def test_result_of_private_work_stays_private(make_server: Callable[..., ServerP
     alice.put_app("mine", binaries={"linux/x86_64": tmp_path / "p.sh"}, access_rights="0x700")
     with pytest.raises(XwError) as err:
         alice.submit("mine", access_rights="0x755")
-    assert err.value.status == 400 and err.value.field == "access_rights" and "never more open" in err.value.message
+    assert err.value.status == 403 and err.value.field == "access_rights" and "never more open" in err.value.message
     open_work = alice.submit("cat", access_rights="0x755")  # what the app allows, when asked for
     assert alice.work(open_work["uid"])["access_rights"] == "0x755"

@@ -114,8 +114,8 @@ def test_grant_rules(make_server: Callable[..., ServerProc]) -> None:
     admin = srv.client()
     _users(admin)
     alice = _client(srv, "alice", "alice's password")
-    msg = _refused(lambda: alice.grant_mandate("mallory"), 400)
-    assert "not MANDATED_USER" in msg
+    msg = _refused(lambda: alice.grant_mandate("mallory"), 404)  # as for an unknown user: no existence oracle
+    assert msg.startswith("mandatary: no MANDATED_USER 'mallory'"), msg
     with pytest.raises(XwError) as err:
         alice.grant_mandate("portal", expires_in=0)
     assert err.value.status == 400 and err.value.field == "expires_in"

@@ -9,7 +9,7 @@ import pytest
 from cluster import ServerProc
 
 from xwhep.client import Client, XwError
-from xwhep.server.ratelimit import FailureLimiter
+from xwhep.server.ratelimit import Backoff
 
 
 def test_database_holds_only_argon2id_hashes(make_server: Callable[..., ServerProc]) -> None:
@@ -46,12 +46,25 @@ def test_failed_logins_are_throttled(make_server: Callable[..., ServerProc]) -> 
     assert admin2.me()["login"] == "admin"
 
 
-def test_limiter_window_slides() -> None:
-    lim = FailureLimiter(3, 10.0)
-    for t in (0.0, 1.0, 2.0):
-        assert lim.retry_after("k", t) is None
-        lim.fail("k", t)
-    assert lim.retry_after("k", 2.5) == pytest.approx(7.5)
-    assert lim.retry_after("k", 10.5) is None  # the first failure aged out
+def test_backoff_doubles_and_forgets() -> None:
+    lim = Backoff(3, cap=10.0, forget=100.0)
+    assert [lim.fail("k", t) for t in (0.0, 1.0)] == [0.0, 0.0]  # the first failures are free
+    assert lim.retry_after("k", 1.5) is None
+    assert lim.fail("k", 2.0) == 1.0  # the third waits 1 s, then 2, 4, 8, and never more than the cap
+    assert lim.retry_after("k", 2.5) == pytest.approx(0.5)
+    assert [lim.fail("k", 3.0 + i) for i in range(5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
+    assert lim.retry_after("other", 3.0) is None  # keys are independent
+    assert lim.retry_after("k", 7.0 + 150.0) is None  # forgotten after a quiet while
+    assert lim.fail("k", 160.0) == 0.0
+    lim.fail("k", 161.0)
+    assert lim.fail("k", 162.0) == 1.0
     lim.reset("k")
-    assert lim.retry_after("k", 3.0) is None
+    assert lim.retry_after("k", 162.5) is None
+
+
+def test_backoff_memory_is_bounded() -> None:
+    lim = Backoff(1, max_keys=100)
+    for i in range(1000):
+        lim.fail(f"k{i}", float(i))
+    assert len(lim._keys) <= 100
+    assert lim.retry_after("k999", 999.5) is not None  # the latest are kept

@@ -29,6 +29,7 @@ from tunnels.tunnelgrid import (
     result_files,
     unique,
     wait_for,
+    xw,
     xwsubmit,
 )
 from workerproc import WorkerProc
@@ -174,21 +175,23 @@ def test_a_job_reaches_its_forward_ports_and_nothing_else(grid: Grid, client_sit
     assert seen and all(not v.startswith("ok") for v in seen.values()), out
 
 
-def test_a_server_proxy_serves_only_its_owners_works(grid: Grid, client_site: int, tmp_path: Path) -> None:
+def test_a_server_proxy_serves_only_its_owners_works(grid: Grid, client_site: int) -> None:
+    """Refused at submission (issue 13: it was accepted, and the job found its tunnel closed when it ran), whether
+    bob's proxy is connected or not: its address is bound to its owner."""
     with Proxy(grid.bob, "--xwlistenport", str(client_site)) as bobs:
         address = bobs.line()
-        uid = grid.submit(grid.alice, "fetch", "http://localhost:1234/page.txt", "--xwforwardaddresses",
-                          f"{address},1234")
-        try:
-            work = grid.wait_status(uid, {"COMPLETED", "ERROR", "FAILED"})
-            files = result_files(grid.admin, uid, tmp_path)
-        finally:
-            grid.end(uid)
-    assert work["return_code"] != 0 and "fetched.txt" not in files
-    stderr = next(v for k, v in files.items() if "stderr" in k).decode()
-    assert "belongs to another user" in stderr, stderr  # the forwarder tells the job why
-    refused = [e for e in grid.admin.events(uid) if e["action"] == "tunnel.refuse"]
-    assert refused and refused[0]["actor"] == grid.users["alice"], refused
+        refused = xw("submit", grid.alice, "fetch", "http://localhost:1234/page.txt", "--xwforwardaddresses",
+                     f"{address},1234", "--xwexpectedhost", grid.host, check=False)
+        assert refused.returncode == 1 and refused.stdout == ""
+        assert refused.stderr.startswith(f"xwsubmit: error: forward_addresses: server proxy {address} belongs to "
+                                         "another user"), refused.stderr
+    stopped = xw("submit", grid.alice, "fetch", "http://localhost:1234/page.txt", "--xwforwardaddresses",
+                 f"{address},1234", "--xwexpectedhost", grid.host, check=False)
+    assert stopped.returncode == 1 and "belongs to another user" in stopped.stderr, stopped.stderr
+    # bob himself may name it
+    uid = grid.submit(grid.bob, "fetch", "http://localhost:1234/page.txt", "--xwforwardaddresses",
+                      f"{address},1234")
+    grid.end(uid)
 
 
 def test_the_relay_refuses_an_address_the_work_does_not_name(grid: Grid, client_site: int) -> None:

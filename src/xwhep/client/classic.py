@@ -29,7 +29,7 @@ from xwhep.client.config import ConfigError
 from xwhep.client.progress import Reporter
 from xwhep.client.sdk import Client, XwError, uid_of, zip_dir
 from xwhep.core.model import KNOWN_CPU, KNOWN_OS, AppType, UsageLevel, normalize_cpu, normalize_os
-from xwhep.core.rights import BadRights, parse_rights
+from xwhep.core.rights import BadRights, format_rights, parse_rights
 from xwhep.core.uri import BadUri, to_uid
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -353,6 +353,10 @@ class Call:
         """One error line on stderr, for a failure that does not stop the command."""
         print(f"{self.prog}: error: {text}", file=sys.stderr, flush=True)
 
+    def note(self, text: str) -> None:
+        """One line on stderr about something not done, on purpose (not a failure)."""
+        print(f"{self.prog}: note: {text}", file=sys.stderr, flush=True)
+
     def refs(self) -> list[str]:
         """The bare arguments as uids (a malformed one is an error naming it)."""
         return [uid_of(a) for a in self.bare]
@@ -639,10 +643,10 @@ def op_results(call: Call) -> int:
     works unless --xwnoerase; prints the downloaded paths."""
     refs = call.refs()
     out = _outdir(call)
+    me = call.client.me()["uid"]
     if refs:
         works = [call.client.work(r) for r in refs]
     else:
-        me = call.client.me()["uid"]
         works = [w for w in call.client.works(status="COMPLETED") if w.get("owner") == me]
     failed = 0
     for w in works:
@@ -659,8 +663,16 @@ def op_results(call: Call) -> int:
             failed += 1
             continue
         call.print(str(path))
-        if not call.flag("noerase"):
+        if call.flag("noerase"):
+            continue
+        if w.get("owner") != me:  # readable is not deletable: erase only one's own works
+            call.note(f"{uri}: downloaded, not erased: it is another user's work")
+            continue
+        try:
             call.client.delete_work(w["uid"])
+        except XwError as exc:
+            call.error(f"{uri}: downloaded, not erased: {_message(exc)}")
+            failed += 1
     return EXIT_FAIL if failed else EXIT_OK
 
 
@@ -733,13 +745,26 @@ def op_chmod(call: Call) -> int:
         raise UsageError("usage: RIGHTS URI… (like: 0x755 xw://host/uid)")
     rights, refs = call.bare[0], [uid_of(a) for a in call.bare[1:]]
     try:
-        parse_rights(rights)
+        asked = parse_rights(rights)
     except BadRights as exc:
         raise UsageError(str(exc)) from None
+    absolute = rights.strip().lower().startswith("0x") or rights.strip().isdigit()  # not relative like go-w
+    failed = 0
     for ref in refs:
-        res = call.client.chmod(ref, rights)
-        call.print(f"{call.client.uri(res['uid'])} {res['access_rights']}")
-    return EXIT_OK
+        try:
+            res = call.client.chmod(ref, rights)
+        except XwError as exc:  # refused, with the server's reason: one line per object, go on with the others
+            call.error(f"{call.client.uri(ref)}: {_message(exc)}")
+            failed += 1
+            continue
+        stored = res["access_rights"]
+        if absolute and parse_rights(stored) != asked:  # a server that trims what it was asked must not look fine
+            call.error(f"{call.client.uri(res['uid'])}: the server stored {stored}, not {format_rights(asked)} as "
+                       "asked")
+            failed += 1
+            continue
+        call.print(f"{call.client.uri(res['uid'])} {stored}")
+    return EXIT_FAIL if failed else EXIT_OK
 
 
 def op_mandate(call: Call) -> int:
@@ -927,7 +952,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("works", op_works, "[URI…]", "list works (jobs)", (FORMAT, *_FILTERS)),
     Command("status", op_status, "[URI…]", "status of works", (FORMAT, *_FILTERS)),
     Command("results", op_results, "[URI…] [--xwout DIR] [--xwnoerase]",
-            "download results of completed works (all of yours by default), then erase the works",
+            "download results of completed works (all of yours by default), then erase those that are yours",
             (OUT, Opt("noerase", None, "keep the works on the server"))),
     Command("rm", op_rm, "URI…", "remove works, data, apps, sessions, groups, users or hosts (revokes them)"),
     Command("chmod", op_chmod, "RIGHTS URI…", "change access rights (0x755, 755, go-rwx, o+r)"),

@@ -228,5 +228,7 @@ def why_text(data: Mapping[str, Any]) -> str:
     """The plain-text why report: a header, the table and the verdict."""
     head = (f"work {data.get('uid')}: {data.get('status')}, {data.get('hosts', 0)} registered host(s), "
             f"{data.get('hosts_alive', 0)} alive, retries {data.get('retries', 0)}/{data.get('max_retries', 0)}")
+    if data.get("partial"):
+        head += f"; {data.get('note') or 'partial: not every host was checked'}"
     table = columns([["requirement", "hosts", "example failure"], *why_rows(data)])
     return "\n".join([head, "", table, "", why_verdict(data)])

@@ -198,6 +198,7 @@ async def _proxy_stream(dialer: Dialer, ws: ClientConnection, port: int, sid: st
     except OSError as exc:
         sock.close()
         reason = f"nothing listens on the client's port {port}: {exc.strerror or exc}"
+        _say(f"error: a job's connection was refused: {reason}")  # this side's log says why too
         with contextlib.suppress(Exception):
             if spare:
                 await ws.close(4502, reason[:120])

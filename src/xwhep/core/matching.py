@@ -5,11 +5,12 @@ The scheduler asks :func:`matches`; ``xw why`` asks :func:`explain` for every re
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from xwhep.core.expressions import requirement_holds
+from xwhep.core.expressions import requirement
 from xwhep.core.model import AppType, UsageLevel
 
 PUBLIC_WORKER_LEVELS = frozenset({UsageLevel.WORKER_USER, UsageLevel.VWORKER_USER, UsageLevel.SUPER_USER})
@@ -146,8 +147,9 @@ def explain(work: WorkProfile, host: HostProfile) -> list[Check]:
     ok, why = _identity_ok(work, host)
     checks.append(Check("worker identity", ok, why))
     if work.requirements:
-        ok = requirement_holds(work.requirements, host.as_cel())
-        checks.append(Check("requirements", ok, f"{work.requirements} is {'true' if ok else 'false'}"))
+        ok, reason = requirement(work.requirements, host.as_cel())
+        checks.append(Check("requirements", ok, f"{work.requirements} is {'true' if ok else 'false'}"
+                            + (f" ({reason})" if reason else "")))
     return checks
 
 
@@ -161,19 +163,47 @@ def summarize(work: WorkProfile, hosts: Iterable[HostProfile]) -> list[tuple[str
 
     The last row, ``all``, counts the hosts that satisfy everything at once.
     """
+    return survey(work, hosts).rows
+
+
+@dataclass
+class Survey:
+    """What :func:`survey` found: :func:`summarize`'s rows over the hosts it checked, how many of those that fit
+    are in ``alive``, and whether it stopped early (``checked`` < ``total``)."""
+
+    rows: list[tuple[str, int, int, str]]
+    fit_alive: int
+    checked: int
+    total: int
+
+    @property
+    def partial(self) -> bool:
+        return self.checked < self.total
+
+
+def survey(work: WorkProfile, hosts: Iterable[HostProfile], alive: Container[str] = (),
+           seconds: float | None = None, stop: Callable[[], bool] | None = None) -> Survey:
+    """:func:`summarize`, bounded: at most ``seconds`` (then the hosts not checked yet are left out and counted in
+    ``total`` only), and no further once ``stop()`` says so. Each host's requirements expression has its own
+    evaluation budget (:mod:`xwhep.core.expressions`); this bounds the sum over many hosts."""
+    hosts = list(hosts)
+    deadline = None if seconds is None else time.monotonic() + seconds
     counts: dict[str, list[Any]] = {}
-    total = 0
-    fit = 0
+    checked = fit = fit_alive = 0
     for host in hosts:
-        total += 1
+        if checked and ((deadline is not None and time.monotonic() > deadline) or (stop is not None and stop())):
+            break
+        checked += 1
         checks = explain(work, host)
-        fit += all(c.ok for c in checks)
+        ok = all(c.ok for c in checks)
+        fit += ok
+        fit_alive += ok and host.uid in alive
         for c in checks:
             row = counts.setdefault(c.name, [0, ""])
             if c.ok:
                 row[0] += 1
             elif not row[1]:
                 row[1] = c.detail
-    rows = [(name, n, total, sample) for name, (n, sample) in counts.items()]
-    rows.append(("all", fit, total, ""))
-    return rows
+    rows = [(name, n, checked, sample) for name, (n, sample) in counts.items()]
+    rows.append(("all", fit, checked, ""))
+    return Survey(rows, fit_alive, checked, len(hosts))

@@ -20,13 +20,16 @@ class ServerConfig:
     reaper_period: float | None = None  # default: alive_timeout / 4
     flush_period: float = 1.0  # alive times are batched to the database this often
     max_long_poll: float = 30.0
-    max_bag: int = 10_000  # works per bulk submission
+    max_bag: int = 10_000  # works per bulk submission (replicas included)
+    max_hosts_per_user: int = 64  # hosts a user may register (worker identities and administrators: no limit)
     max_json_body: int = 64 * 1024 * 1024
     public_name: str | None = None  # host[:port] used in xw:// URIs; default host:port
     # Security settings, usually from HOME/server.toml (see load_settings):
     oidc: list[dict[str, Any]] = field(default_factory=list)  # [[oidc]] issuer, audience, client_id, …
     delegated_registration: bool = False  # a valid but unknown X.509 certificate creates a STANDARD_USER
-    login_rate: tuple[int, float] = (5, 60.0)  # failed logins allowed per account/address per window (s)
+    # failed logins free per (account, address) (4x that per address), and the longest wait after them (s); each
+    # further failure doubles the wait (1, 2, 4 ... s). server.toml: login_rate = {failures = 5, window_s = 60}
+    login_rate: tuple[int, float] = (5, 60.0)
     # The raw relay port (tunnels' fast data path; docs/tunnels.md): None = the port after the main one (any
     # free port when the main one is 0; none if taken), 0 = any free port, -1 = none (WebSockets only).
     relay_port: int | None = None
@@ -41,6 +44,8 @@ class ServerConfig:
         self.delegated_registration = bool(data.get("delegated_registration", self.delegated_registration))
         if "relay_port" in data:
             self.relay_port = int(data["relay_port"])
+        if "max_hosts_per_user" in data:
+            self.max_hosts_per_user = int(data["max_hosts_per_user"])
         rate = data.get("login_rate")
         if rate:
             self.login_rate = (int(rate["failures"]), float(rate["window_s"]))

@@ -20,7 +20,7 @@ from xwhep.server.auth import Tokens
 from xwhep.server.config import ServerConfig
 from xwhep.server.home import initialize, secret
 from xwhep.server.oidc import OidcConfigError, OidcVerifier
-from xwhep.server.ratelimit import FailureLimiter
+from xwhep.server.ratelimit import Backoff
 from xwhep.server.state import ServerState
 from xwhep.server.store import BlobStore
 
@@ -98,8 +98,8 @@ def serve(cfg: ServerConfig) -> None:
     url = f"{scheme}://{local}:{cfg.port}"
     db, material = initialize(cfg, url)
     st = ServerState(config=cfg, db=db, store=BlobStore(cfg.blob_dir), tokens=Tokens(secret(cfg.home)), oidc=oidc,
-                     login_failures_account=FailureLimiter(*cfg.login_rate),
-                     login_failures_address=FailureLimiter(cfg.login_rate[0] * 4, cfg.login_rate[1]))
+                     login_failures=Backoff(*cfg.login_rate),
+                     login_failures_address=Backoff(cfg.login_rate[0] * 4, cfg.login_rate[1]))
     app = FastPath(create_app(st), st)  # the workers' hot calls skip FastAPI's routing (see fastpath.py)
     kwargs = {}
     if material is not None:

@@ -1,46 +1,56 @@
-"""Slowing brute force: failed logins counted per account and per address over a sliding window."""
+"""Slowing brute force without handing strangers a lockout: an exponential delay per key.
+
+Logins count failures per (account, address) and, with a higher threshold, per address across accounts
+(docs/decisions.md, "Login throttling"). Nothing is counted per account alone: failures from one address never
+keep the account's owner out when they log in from another.
+"""
 
 from __future__ import annotations
 
 import time
-from collections import deque
 
 
-class FailureLimiter:
-    """After ``limit`` failures within ``window`` seconds, a key is refused until the oldest failure ages out."""
+class Backoff:
+    """Failures per key; the ``free``-th and each one after make the key wait, longer each time: ``base``·2^k
+    seconds after the (``free`` + k)-th, at most ``cap``, counted from that failure. A key is forgotten ``forget``
+    seconds after its last failure, or at once by :meth:`reset`."""
 
-    def __init__(self, limit: int, window: float, max_keys: int = 100_000) -> None:
-        self.limit = limit
-        self.window = window
+    def __init__(self, free: int, cap: float = 60.0, base: float = 1.0, forget: float = 900.0,
+                 max_keys: int = 100_000) -> None:
+        self.free = free
+        self.cap = cap
+        self.base = base
+        self.forget = forget
         self.max_keys = max_keys
-        self._fails: dict[str, deque[float]] = {}
+        self._keys: dict[str, tuple[int, float, float]] = {}  # key → (failures, last failure, wait until)
 
-    def _recent(self, key: str, now: float) -> deque[float] | None:
-        q = self._fails.get(key)
-        if q is None:
+    def _live(self, key: str, now: float) -> tuple[int, float, float] | None:
+        entry = self._keys.get(key)
+        if entry is not None and now - entry[1] > self.forget:
+            del self._keys[key]
             return None
-        while q and q[0] <= now - self.window:
-            q.popleft()
-        if not q:
-            del self._fails[key]
-            return None
-        return q
+        return entry
 
     def retry_after(self, key: str, now: float | None = None) -> float | None:
-        """Seconds to wait before ``key`` may try again, or None when it may try now."""
+        """Seconds ``key`` must still wait, or None when it may try now."""
         now = time.monotonic() if now is None else now
-        q = self._recent(key, now)
-        if q is None or len(q) < self.limit:
+        entry = self._live(key, now)
+        if entry is None or entry[2] <= now:
             return None
-        return max(0.001, q[0] + self.window - now)
+        return entry[2] - now
 
-    def fail(self, key: str, now: float | None = None) -> None:
+    def fail(self, key: str, now: float | None = None) -> float:
+        """Count a failure of ``key``; returns the wait it imposes (0 while failures are free)."""
         now = time.monotonic() if now is None else now
-        if key not in self._fails and len(self._fails) >= self.max_keys:
-            # bounded memory under a flood of distinct keys: forget the stalest entries
-            for stale in list(self._fails)[: self.max_keys // 10]:
-                del self._fails[stale]
-        self._fails.setdefault(key, deque()).append(now)
+        entry = self._live(key, now)
+        n = (entry[0] if entry else 0) + 1
+        delay = 0.0 if n < self.free else min(self.cap, self.base * 2.0 ** min(n - self.free, 64))
+        self._keys.pop(key, None)  # re-inserted last: the dict's order is the order of last failures
+        if len(self._keys) >= self.max_keys:  # bounded memory under a flood of keys: forget the stalest tenth
+            for stale in list(self._keys)[: max(1, self.max_keys // 10)]:
+                del self._keys[stale]
+        self._keys[key] = (n, now, now + delay)
+        return delay
 
     def reset(self, key: str) -> None:
-        self._fails.pop(key, None)
+        self._keys.pop(key, None)

@@ -38,6 +38,7 @@ reachable on one port only still works (clients fall back to the WebSockets).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -60,6 +61,7 @@ log = logging.getLogger("xwhep.relay")
 
 OPEN_TIMEOUT = 10.0  # seconds a target has to join a stream it was asked for
 SPARE_TTL = 300.0  # seconds an idle spare (or an initiator that has not asked yet) is kept
+_BOUND_PROXY_LENGTH = 28  # characters after 'xwproxy:' of an owner-bound address (12 random + 16 MAC)
 MAX_SPARES = 8  # idle spares kept per worker or server proxy
 EVENT_DELAY = 0.05  # seconds the events of opened streams wait, to be written together
 CLOSE_WAIT = 2.0  # seconds a close frame may wait behind a stalled stream's data
@@ -217,9 +219,29 @@ class Hub:
         return ch.owner if ch else None
 
     # -- server proxy addresses --------------------------------------------------------------------------------------
-    @staticmethod
-    def new_proxy_address() -> str:
-        return PROXY_PREFIX + secrets.token_urlsafe(12)
+    def new_proxy_address(self, owner: str) -> str:
+        """A fresh address, bound to ``owner``: a random part and a MAC of it and the owner under the server's
+        secret, so that a submission naming it can be checked (:meth:`proxy_refusal`) with nothing stored, even
+        while the proxy is not connected."""
+        nonce = secrets.token_urlsafe(9)  # 12 characters
+        return PROXY_PREFIX + nonce + self._proxy_mac(owner, nonce)
+
+    def _proxy_mac(self, owner: str, nonce: str) -> str:
+        digest = hmac.new(self._secret, f"proxy-owner\0{owner}\0{nonce}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode()[:16]
+
+    def proxy_refusal(self, address: str, owner: str) -> str | None:
+        """Why ``owner``'s works may not name server proxy ``address`` (None: they may). A connected proxy is its
+        registrant's; a disconnected one, by the owner its address is bound to. An address of the older,
+        unbound form that is not connected now is checked when the job connects."""
+        connected = self.proxy_owner(address)
+        if connected is not None:
+            return None if connected == owner else f"server proxy {address} belongs to another user"
+        token = address.removeprefix(PROXY_PREFIX)
+        if len(token) == _BOUND_PROXY_LENGTH and not hmac.compare_digest(self._proxy_mac(owner, token[:12]),
+                                                                          token[12:]):
+            return f"server proxy {address} belongs to another user"
+        return None
 
     def proxy_key(self, owner: str, address: str) -> str:
         """The secret that lets ``owner`` take ``address`` again after a reconnection (or a server restart):

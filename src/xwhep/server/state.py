@@ -10,7 +10,7 @@ from xwhep.server.auth import Tokens
 from xwhep.server.config import ServerConfig
 from xwhep.server.db.engine import Database
 from xwhep.server.oidc import OidcVerifier
-from xwhep.server.ratelimit import FailureLimiter
+from xwhep.server.ratelimit import Backoff
 from xwhep.server.relay import Hub
 from xwhep.server.revocation import Revocations
 from xwhep.server.scheduler import Scheduler
@@ -61,8 +61,8 @@ class ServerState:
     liveness: Liveness = field(default_factory=Liveness)
     hosts: dict[str, tuple[HostProfile, int]] = field(default_factory=dict)  # uid → (profile, version)
     started: float = 0.0
-    login_failures_account: FailureLimiter = field(default_factory=lambda: FailureLimiter(5, 60.0))
-    login_failures_address: FailureLimiter = field(default_factory=lambda: FailureLimiter(20, 60.0))
+    login_failures: Backoff = field(default_factory=lambda: Backoff(5, 60.0))  # per (account, address)
+    login_failures_address: Backoff = field(default_factory=lambda: Backoff(20, 60.0))  # per address
     revocations: Revocations = field(default_factory=Revocations)  # deleted users, voided tokens (durable)
     inactive_hosts: set[str] = field(default_factory=set)  # workers whose activation policy says no (alive)
     work_changes: Signal = field(default_factory=Signal)  # works changed state here (xw wait's long-poll)

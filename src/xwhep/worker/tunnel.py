@@ -443,10 +443,18 @@ class TunnelManager:
                 handed.close()
             await refuse_local(ws, str(exc))
             return
-        if handed is not None:
-            sock.close()
-            sock = handed
-        await splice(ws, sock)
+        notes = None
+        if handed is not None:  # the forwarder's connection stays open: it hears why the stream failed, if it does
+            notes, sock = sock, handed
+        err = await splice(ws, sock)
+        if err is not None and err.status is not None:  # refused by the far end (nothing listens there, …)
+            log.info("tunnels: task %s to %s failed: %s", job.task, address, err.message)
+            if notes is not None:
+                reason = f"{address}: {err.message}".replace("\n", " ")
+                with contextlib.suppress(OSError):
+                    await loop.sock_sendall(notes, b"R" + reason.encode()[:500] + b"\n")
+        if notes is not None:
+            notes.close()
 
     def release(self, task: str) -> None:
         """The job ended: close its sockets and end its streams (from a job thread)."""

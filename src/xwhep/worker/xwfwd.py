@@ -31,6 +31,7 @@ import concurrent.futures
 import contextlib
 import os
 import queue
+import selectors
 import socket
 import subprocess
 import sys
@@ -249,9 +250,70 @@ def serve_forward(sockets: str, port: int, job: socket.socket) -> None:
         return
     if HAND_OVER:
         job.close()  # the worker holds the connection now
-        conn.close()
+        _handed.watch(conn, port)  # kept until the stream ends: the worker says there why it failed, if it did
         return
     bridge(job, conn)
+
+
+class Handed:
+    """The connections to the worker of streams it took over: one thread watches them all. When a stream fails
+    after it was set up (e.g. nothing listened behind a server proxy), the worker writes ``R`` and the reason
+    before closing; the reason goes to the job's stderr. The job's exit waits (GRACE at most) until they closed,
+    so that a reason sent as the job ends is not lost."""
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.selector.register(self.wake_r, selectors.EVENT_READ)
+        self.pending: queue.Queue[tuple[socket.socket, int]] = queue.Queue()
+        self.count = 0
+        self.started = False
+        self.lock = threading.Lock()
+
+    def watch(self, conn: socket.socket, port: int) -> None:
+        with self.lock:
+            self.count += 1
+            if not self.started:
+                self.started = True
+                _spawn(self.run)
+        self.pending.put((conn, port))
+        with contextlib.suppress(OSError):
+            self.wake_w.send(b"x")
+
+    def run(self) -> None:
+        buffers: dict[socket.socket, bytes] = {}
+        while True:
+            for key, _ in self.selector.select():
+                if key.fileobj is self.wake_r:
+                    with contextlib.suppress(OSError):
+                        self.wake_r.recv(4096)
+                    while not self.pending.empty():
+                        conn, port = self.pending.get_nowait()
+                        conn.setblocking(False)
+                        buffers[conn] = b""
+                        self.selector.register(conn, selectors.EVENT_READ, port)
+                    continue
+                conn = key.fileobj  # type: ignore[assignment]
+                try:
+                    data = conn.recv(4096)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if data and len(buffers[conn]) < 4096:
+                    buffers[conn] += data
+                    continue
+                text = buffers.pop(conn)
+                if text.startswith(b"R"):
+                    reason = text[1:].decode(errors="replace").strip() or "the stream failed"
+                    log(f"localhost:{key.data}: {reason}")
+                self.selector.unregister(conn)
+                conn.close()
+                with self.lock:
+                    self.count -= 1
+
+
+_handed = Handed()
 
 
 # -- the job ---------------------------------------------------------------------------------------------------------
@@ -281,7 +343,7 @@ def run(sockets: str, listen: list[int], forward: list[int], argv: list[str]) ->
         with contextlib.suppress(OSError):
             server.close()
     deadline = time.monotonic() + GRACE
-    while _active and time.monotonic() < deadline:
+    while (_active or _handed.count) and time.monotonic() < deadline:
         time.sleep(0.02)
     return rc if rc >= 0 else 128 - rc
 

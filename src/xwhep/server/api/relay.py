@@ -283,7 +283,7 @@ async def proxy_channel(ws: WebSocket, address: str | None = None, key: str | No
             await _deny(ws, 403, f"server proxy {address}: wrong key, or it belongs to another user")
             return
     else:
-        address = st.relay.new_proxy_address()
+        address = st.relay.new_proxy_address(ident.uid)
     await ws.accept()
     await ws.send_text(json.dumps({"address": address, "key": st.relay.proxy_key(ident.uid, address)}))
     await st.db.run(lambda conn: c.event(conn, ident.uid, "tunnel.proxy", None, detail=f"server proxy {address}"))

@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Annotated, Any
 
+import anyio
 import anyio.to_thread
 import sqlalchemy as sa
 from fastapi import APIRouter, Body, Depends, Query, Request
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from xwhep import __version__
-from xwhep.core.rights import Action, BadRights, clamp_to, format_rights, parse_rights
+from xwhep.core.rights import Action, BadRights, format_rights, parse_rights
 from xwhep.core.states import is_final
 from xwhep.server import hosts as hostcache
 from xwhep.server.api.deps import FastJSON, identity, state_dep
@@ -61,26 +62,29 @@ async def version() -> FastJSON:
 
 @router.post("/auth/login", tags=["public"])
 async def login(body: LoginIn, request: Request, st: St) -> FastJSON:
-    """Password login; the answer is a short-lived bearer token. Failures are rate-limited per account and
-    per address (429 with Retry-After)."""
+    """Password login; the answer is a short-lived bearer token. Failures slow down the (account, address) pair
+    and, past a higher threshold, the address: 429 with a Retry-After that doubles with each further failure.
+    Nothing locks an account as such: its owner logs in from another address at once."""
     address = request.client.host if request.client else "unknown"
-    keys = (f"acct:{body.login}", f"addr:{address}")
-    limiters = (st.login_failures_account, st.login_failures_address)
-    wait = max((lim.retry_after(k) or 0.0 for lim, k in zip(limiters, keys, strict=True)), default=0.0)
+    pair, addr = f"{body.login}\0{address}", f"addr:{address}"
+    limits = ((st.login_failures, pair), (st.login_failures_address, addr))
+    wait = max((lim.retry_after(k) or 0.0 for lim, k in limits), default=0.0)
     if wait:
+        # trying again before the wait is over is one more failure: the wait grows instead of running out
+        wait = max(lim.fail(k) if lim.retry_after(k) else 0.0 for lim, k in limits)
         await st.db.run(c.event, None, "auth.login.throttled", None, None, None,
-                        f"login {body.login} from {address}")
+                        f"login {body.login} from {address}: wait {wait:.0f} s")
         raise ApiError(429, f"too many failed logins: retry in {wait:.0f} s", "password",
                        {"Retry-After": f"{max(1, round(wait))}"})
     ident, stored = await st.db.run(users.credentials, body.login)
     if not await anyio.to_thread.run_sync(verify_password, stored, body.password):
         ident = None
     if ident is None:
-        for lim, k in zip(limiters, keys, strict=True):
+        for lim, k in limits:
             lim.fail(k)
         await st.db.run(c.event, None, "auth.login.failed", None, None, None, f"login {body.login} from {address}")
         raise ApiError(401, "login failed: unknown login or wrong password", "password")
-    st.login_failures_account.reset(keys[0])
+    st.login_failures.reset(pair)
     await st.db.run(c.event, ident.uid, "auth.login", ident.uid)
     token, ttl = st.tokens.issue(ident)
     return FastJSON({"token": token, "expires_in": ttl, "user": ident.uid, "level": ident.level.name})
@@ -105,7 +109,7 @@ async def submit(body: Annotated[dict[str, Any], Body()], ident: Ident, st: St) 
                  else [set_fields(SUBMISSION.validate_python(body))])
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    out, eff = await st.db.run(works.submit, ident, specs, st.name, st.config.max_bag)
+    out, eff = await st.db.run(works.submit, ident, specs, st.name, st.config.max_bag, st.relay.proxy_refusal)
     eff.apply(st)
     return FastJSON({"works": out} if body_is_bag else out[0], status_code=201)
 
@@ -154,9 +158,19 @@ async def why(uid: str, ident: Ident, st: St) -> FastJSON:
     """Why is this work pending: per requirement, how many registered hosts satisfy it."""
     from xwhep.server.hosts import all_profiles
 
-    profiles = await all_profiles(st)
     since = time.time() - st.config.alive_timeout
-    return FastJSON(await st.db.run(works.why, ident, c.ref(uid, "uid"), profiles, since))
+    ctx = await st.db.run(works.why_context, ident, c.ref(uid, "uid"), since)
+    profiles = await all_profiles(st)
+    # Every host's requirements expression is evaluated (each within its budget): in a worker thread, never on the
+    # event loop, a few requests at a time, and for a bounded time in all ("partial" past it).
+    global _why_slots
+    if _why_slots is None:
+        _why_slots = anyio.CapacityLimiter(2)
+    return FastJSON(await anyio.to_thread.run_sync(works.why_report, ctx, profiles, works.WHY_SECONDS,
+                                                   lambda: st.scheduler.closing, limiter=_why_slots))
+
+
+_why_slots: anyio.CapacityLimiter | None = None
 
 
 @router.get("/works/{uid}/tasks")
@@ -422,11 +436,14 @@ async def chmod(uid: str, body: ChmodIn, ident: Ident, st: St) -> FastJSON:
             rights = parse_rights(body.access_rights, row["access_rights"])
         except BadRights as exc:
             raise bad_request(f"access_rights: {exc}", "access_rights") from None
+        # what is stored is what was asked, or the request is refused with the reason (never clamped silently)
         if kind == "work":
-            app_rights = conn.execute(sa.select(s.apps.c.access_rights).where(s.apps.c.uid == row["app"])).scalar()
-            rights = clamp_to(rights, app_rights)
-        if kind == "app" and not ident.is_admin:
-            rights &= 0x1750 if ident.level.name == "ADVANCED_USER" else 0x1700
+            app = conn.execute(sa.select(s.apps.c.name, s.apps.c.access_rights)
+                               .where(s.apps.c.uid == row["app"])).first()
+            if app is not None:
+                works.check_work_rights(rights, app[0], app[1])
+        if kind == "app":
+            apps.check_app_rights(ident, rights)
         table = s.TABLES_BY_TYPE[kind]
         conn.execute(table.update().where(table.c.uid == row["uid"]).values(access_rights=rights, modified=c.now()))
         c.event(conn, ident.uid, f"{kind}.chmod", row["uid"], format_rights(row["access_rights"]),

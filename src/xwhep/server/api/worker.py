@@ -35,7 +35,7 @@ async def register(body: HostSpec, ident: Ident, st: St) -> FastJSON:
     """Register a host with its description and sharings, or refresh the caller's host (``uid`` with its
     ``key``). A new host's answer carries its ``key`` (shown once: keep it) and, always, a ``token``
     bound to the host: every other host call needs it."""
-    row, key = await st.db.run_grouped(dispatch.register, ident, dump(body))
+    row, key = await st.db.run_grouped(dispatch.register, ident, dump(body), st.config.max_hosts_per_user)
     hostcache.remember(st, row, ident.level, ident.usergroup)
     st.liveness.hosts[row["uid"]] = time.time()
     out = c.render(row, st.name)

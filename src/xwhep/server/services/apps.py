@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from xwhep.core.model import AppType, UsageLevel, normalize_cpu, normalize_os
-from xwhep.core.rights import Action, BadRights, parse_rights
+from xwhep.core.rights import Action, BadRights, format_rights, parse_rights
 from xwhep.core.uri import is_uid, new_uid
 from xwhep.server.auth import Identity
 from xwhep.server.db import schema as s
@@ -101,8 +101,8 @@ def put(conn: Connection, ident: Identity, spec: dict[str, Any], server: str) ->
             rights = parse_rights(str(spec.get("access_rights") or ("0x755" if ident.is_admin else "0x700")))
         except BadRights as exc:
             raise bad_request(f"access_rights: {exc}", "access_rights") from None
-        if not ident.is_admin:  # only the administrator publishes apps; a group admin may share with its group
-            rights &= 0x1750 if ident.level == UsageLevel.ADVANCED_USER else 0x1700
+        if spec.get("access_rights") is not None:
+            check_app_rights(ident, rights)
         values["access_rights"] = rights
     if existing is None:
         uid = new_uid()
@@ -118,6 +118,18 @@ def put(conn: Connection, ident: Identity, spec: dict[str, Any], server: str) ->
     for d in added:
         conn.execute(s.datas.update().where(s.datas.c.uid == d).values(links=s.datas.c.links + 1))
     return c.render(c.load(conn, "app", uid), server)
+
+
+def check_app_rights(ident: Identity, rights: int) -> None:
+    """Only the administrator publishes apps; a group administrator may share with its group. Asking for more is
+    refused (403 naming access_rights), never trimmed behind the asker's back."""
+    if ident.is_admin:
+        return
+    ceiling = 0x1750 if ident.level == UsageLevel.ADVANCED_USER else 0x1700
+    if rights & ~ceiling:
+        raise ApiError(403, f"access_rights: {ident.login} ({ident.level.name}) may not open an app beyond "
+                            f"{format_rights(ceiling)} (asked {format_rights(rights)}); only an administrator "
+                            "publishes apps", "access_rights")
 
 
 def listing(conn: Connection, ident: Identity, server: str) -> list[dict[str, Any]]:

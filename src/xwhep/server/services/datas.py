@@ -58,7 +58,8 @@ def create(conn: Connection, ident: Identity, spec: dict[str, Any], server: str,
     t = c.now()
     uid = new_uid()
     status = DataStatus.UNAVAILABLE
-    if sha and size is not None and blob_exists(sha) and _size_matches(conn, sha, size):
+    if sha and size is not None and blob_exists(sha) and _size_matches(conn, sha, size) \
+            and _readable_copy(conn, ident, sha):
         status = DataStatus.AVAILABLE
     conn.execute(s.datas.insert().values(
         uid=uid, owner=ident.uid, access_rights=rights, created=t, modified=t, name=name,
@@ -68,6 +69,17 @@ def create(conn: Connection, ident: Identity, spec: dict[str, Any], server: str,
     if status == DataStatus.AVAILABLE:
         _release_waiting(conn, uid, ident.uid, eff)
     return c.render(c.load(conn, "data", uid), server), eff
+
+
+def _readable_copy(conn: Connection, ident: Identity, sha: str) -> bool:
+    """Does ``ident`` already read an AVAILABLE data with these bytes? Only then is the upload skipped: knowing a
+    checksum is not having the bytes, and a skip would hand another user's private bytes to anyone who knows
+    their sha256 (and tell whether the server holds them)."""
+    q = sa.select(s.datas.c.uid).where(s.datas.c.sha256 == sha, s.datas.c.status == DataStatus.AVAILABLE)
+    vis = c.visible(s.datas, ident)
+    if vis is not None:
+        q = q.where(vis)
+    return conn.execute(q.limit(1)).first() is not None
 
 
 def _size_matches(conn: Connection, sha: str, size: int) -> bool:

@@ -13,6 +13,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from xwhep.core.expressions import MAX_HOST_ITEMS
 from xwhep.core.matching import HostProfile
 from xwhep.core.model import AppType, DataStatus, TaskStatus, WorkStatus, normalize_cpu, normalize_os
 from xwhep.core.states import after_loss, is_final, transition
@@ -50,14 +51,17 @@ def move(conn: Connection, work: dict[str, Any], target: WorkStatus, actor: str 
 
 # -- hosts -----------------------------------------------------------------------------------------------------
 
-def register(conn: Connection, ident: Identity, desc: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+def register(conn: Connection, ident: Identity, desc: Mapping[str, Any],
+             max_hosts: int | None = None) -> tuple[dict[str, Any], str | None]:
     """Create or refresh the host a worker runs as; the caller becomes its owner. Returns the host's row and, for
     a new host, its key (services/hostkeys.py: shown once, the server keeps only its digest).
 
     An existing host is refreshed only by its owner giving the host's key. Any other request — an unknown uid,
     another's host, a wrong or missing key — registers a *new* host with a uid the server chooses: a uid is never
-    taken over, and the answer says nothing of whether the uid existed.
+    taken over, and the answer says nothing of whether the uid existed. A user (not a worker identity, not an
+    administrator) owns at most ``max_hosts`` hosts.
     """
+    _check_sharings(desc)
     t = c.now()
     values = {
         "name": str(desc.get("name") or "unnamed")[:255],
@@ -80,12 +84,33 @@ def register(conn: Connection, ident: Identity, desc: Mapping[str, Any]) -> tupl
             conn.execute(s.hosts.update().where(s.hosts.c.uid == sa.bindparam("h")), {"h": uid, **values})
             c.event(conn, ident.uid, "host.register", uid, detail="re-registered")
             return c.load(conn, "host", uid), None
+    _check_quota(conn, ident, max_hosts)
     uid = new_uid()
     key = hostkeys.new_key()
     conn.execute(s.hosts.insert(), {"uid": uid, "owner": ident.uid, "access_rights": 0x700, "created": t,
                                     "key_hash": hostkeys.digest(key), **values})
     c.event(conn, ident.uid, "host.register", uid)
     return c.load(conn, "host", uid), key
+
+
+def _check_sharings(desc: Mapping[str, Any]) -> None:
+    """A host's lists are fed to every work's requirements expression: bounded (400 naming the field)."""
+    for key in ("apptypes", "packages", "datas"):
+        items = desc.get(key) or ()
+        if len(items) > MAX_HOST_ITEMS:
+            raise bad_request(f"{key}: {len(items):,} items, at most {MAX_HOST_ITEMS}", key)
+
+
+def _check_quota(conn: Connection, ident: Identity, max_hosts: int | None) -> None:
+    """A new host of a user beyond ``max_hosts`` is refused (403): registering is cheap, and every host is checked
+    by ``why`` and the scheduler. Worker identities (pools of workers) and administrators are not counted."""
+    if max_hosts is None or ident.is_worker or ident.is_admin:
+        return
+    n = conn.execute(sa.select(sa.func.count()).select_from(s.hosts).where(s.hosts.c.owner == ident.uid)).scalar()
+    if n >= max_hosts:
+        raise ApiError(403, f"hosts: {ident.login} already owns {n} hosts, at most {max_hosts} per user "
+                            "(max_hosts_per_user); re-register an existing host (its uid) or ask an administrator",
+                       "hosts")
 
 
 def host_profile(row: Mapping[str, Any], ident_level: Any, ident_group: str | None) -> HostProfile:
@@ -326,7 +351,9 @@ def _one_report(conn: Connection, ident: Identity, task: dict[str, Any], work: d
         raise bad_request("result.sha256: expected 64 hexadecimal characters", "result")
     t = c.now()
     data_uid = new_uid()
-    available = blob_exists(sha)  # same bytes already stored: no upload needed
+    # same bytes already stored, and the work's owner has them already: no upload needed (a worker that names
+    # another user's checksum must not hand that user's bytes to the work's owner)
+    available = blob_exists(sha) and _owner_has(conn, work["owner"], sha, size)
     conn.execute(s.datas.insert().values(
         uid=data_uid, owner=work["owner"], access_rights=work["access_rights"], created=t, modified=t,
         name=str(result.get("name") or f"{work['uid']}-result.zip")[:255], type=str(result.get("type") or "zip"),
@@ -389,6 +416,13 @@ def requeue(conn: Connection, work: Mapping[str, Any], eff: Effects) -> None:
     rset = work["replica_of"] or (work["uid"] if work["replicas"] > 1 else None)
     eff.pending.append((work["uid"], int(seq or 0), profile_of(work, app, res.owner_group(work["owner"])),
                         work["rank"], rset))
+
+
+def _owner_has(conn: Connection, owner: str, sha: str, size: int) -> bool:
+    """An AVAILABLE data of ``owner`` (or one everybody reads) holds these bytes."""
+    return conn.execute(sa.select(s.datas.c.uid).where(
+        s.datas.c.sha256 == sha, s.datas.c.size == size, s.datas.c.status == DataStatus.AVAILABLE,
+        sa.or_(s.datas.c.owner == owner, s.datas.c.access_rights.op("&")(4) != 0)).limit(1)).first() is not None
 
 
 def result_arrived(conn: Connection, data: Mapping[str, Any], actor: str | None, eff: Effects) -> None:

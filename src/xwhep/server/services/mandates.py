@@ -64,15 +64,17 @@ def grant(conn: Connection, ident: Identity, spec: dict[str, Any], server: str) 
         raise forbidden(f"{ident.login} ({ident.level.name}) may not give mandates")
     mandator = ident.uid
     if spec.get("mandator") is not None:
-        row = user_row(conn, str(spec["mandator"]), "mandator")
-        if row["uid"] != ident.uid and not ident.is_admin:
-            raise forbidden("mandator: only an administrator gives mandates for another user")
-        if UsageLevel[row["level"]] in (UsageLevel.WORKER_USER, UsageLevel.VWORKER_USER):
-            raise bad_request("mandator: a worker identity cannot give mandates", "mandator")
-        mandator = row["uid"]
-    target = user_row(conn, str(spec.get("mandatary") or ""), "mandatary")
-    if UsageLevel[target["level"]] != UsageLevel.MANDATED_USER:
-        raise bad_request(f"mandatary: {target['login']} is {target['level']}, not MANDATED_USER", "mandatary")
+        ref = str(spec["mandator"])
+        if not ident.is_admin:
+            # the caller itself, or refused before any lookup: the answer never tells whether a user exists
+            if not _names(ident, ref):
+                raise forbidden("mandator: only an administrator gives mandates for another user")
+        else:
+            row = user_row(conn, ref, "mandator")
+            if UsageLevel[row["level"]] in (UsageLevel.WORKER_USER, UsageLevel.VWORKER_USER):
+                raise bad_request("mandator: a worker identity cannot give mandates", "mandator")
+            mandator = row["uid"]
+    target = _mandatary(conn, ident, str(spec.get("mandatary") or ""))
     expires = None
     if spec.get("expires_in") is not None:
         try:
@@ -96,6 +98,33 @@ def grant(conn: Connection, ident: Identity, spec: dict[str, Any], server: str) 
             f"mandator {mandator} mandatary {target['uid']}" + (f" until {c.iso(expires)}" if expires else ""))
     row = dict(conn.execute(sa.select(s.mandates).where(s.mandates.c.uid == uid)).mappings().one())
     return _render(row, _logins(conn, {row["mandator"], row["mandatary"]}), server)
+
+
+def _names(ident: Identity, ref: str) -> bool:
+    """Does ``ref`` (login, uid or URI) name ``ident`` itself?"""
+    ref = ref.strip()
+    if ref == ident.login:
+        return True
+    try:
+        return (ref.startswith("xw://") or is_uid(ref)) and to_uid(ref) == ident.uid
+    except BadUri:
+        return False
+
+
+def _mandatary(conn: Connection, ident: Identity, ref: str) -> dict[str, Any]:
+    """The MANDATED_USER named by ``ref``. To anyone but an administrator, an unknown user and a user of another
+    level get the same answer (no existence oracle: users are not listed to them)."""
+    try:
+        row = user_row(conn, ref, "mandatary")
+    except ApiError:
+        if ident.is_admin or not ref.strip():
+            raise
+        row = None
+    if row is not None and UsageLevel[row["level"]] == UsageLevel.MANDATED_USER:
+        return row
+    if ident.is_admin and row is not None:
+        raise bad_request(f"mandatary: {row['login']} is {row['level']}, not MANDATED_USER", "mandatary")
+    raise ApiError(404, f"mandatary: no MANDATED_USER {ref.strip()!r}", "mandatary")
 
 
 def listing(conn: Connection, ident: Identity, server: str) -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -11,11 +11,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from xwhep.core.expressions import BadExpression, check_expression
-from xwhep.core.matching import HostProfile, WorkProfile, summarize
+from xwhep.core.matching import HostProfile, WorkProfile, survey
 from xwhep.core.model import AppType, DataStatus, UsageLevel, WorkStatus
 from xwhep.core.rights import PRIVATE, Action, BadRights, clamp_to, format_rights, parse_rights
 from xwhep.core.states import is_final, transition
-from xwhep.core.tunnels import BadAddress, parse_forwards, parse_target, work_address
+from xwhep.core.tunnels import BadAddress, Target, parse_forwards, parse_target, work_address
 from xwhep.core.uri import new_uid
 from xwhep.server.auth import Identity
 from xwhep.server.db import raw
@@ -60,9 +60,11 @@ def app_datas(app: Mapping[str, Any]) -> set[str]:
 class Resolver:
     """Per-transaction caches for the lookups a bag of thousands of works repeats."""
 
-    def __init__(self, conn: Connection, ident: Identity) -> None:
+    def __init__(self, conn: Connection, ident: Identity,
+                 proxy_refusal: Callable[[str, str], str | None] | None = None) -> None:
         self.conn = conn
         self.ident = ident
+        self.proxy_refusal = proxy_refusal  # the relay's say on server proxy addresses (None: not checked here)
         self.apps: dict[str, dict[str, Any]] = {}
         self.datas: dict[str, dict[str, Any]] = {}
         self.groups: dict[str, tuple[str | None, str | None]] = {}
@@ -157,15 +159,22 @@ def _int(spec: Mapping[str, Any], key: str, default: int | None, lo: int = 0, hi
 
 
 def submit(conn: Connection, ident: Identity, specs: list[dict[str, Any]], server: str,
-           max_bag: int) -> tuple[list[dict[str, Any]], Effects]:
-    """Insert a bag of works in one transaction; returns their summaries (uid, uri, status) and effects."""
+           max_bag: int, proxy_refusal: Callable[[str, str], str | None] | None = None
+           ) -> tuple[list[dict[str, Any]], Effects]:
+    """Insert a bag of works in one transaction; returns their summaries (uid, uri, status) and effects.
+    ``proxy_refusal(address, owner)`` says why a server proxy may not be named in forward addresses."""
     if ident.is_worker or ident.level < UsageLevel.STANDARD_USER:
         raise forbidden(f"{ident.login} ({ident.level.name}) may not submit works")
     if not specs:
         raise bad_request("works: the bag is empty", "works")
     if len(specs) > max_bag:
         raise ApiError(413, f"works: {len(specs)} works in one request, at most {max_bag}", "works")
-    res = Resolver(conn, ident)
+    # the bound is on works made, replicas included (a bad replicas value is refused with its field below)
+    total = sum(r if type(r) is int and r > 1 else 1 for r in (spec.get("replicas") for spec in specs))
+    if total > max_bag:
+        raise ApiError(413, f"works: {total:,} works in one request ({len(specs):,} specs with their replicas), "
+                            f"at most {max_bag:,}", "works")
+    res = Resolver(conn, ident, proxy_refusal)
     t = c.now()
     rows: list[dict[str, Any]] = []
     links: dict[str, int] = {}
@@ -285,10 +294,7 @@ def _build(res: Resolver, ident: Identity, spec: Mapping[str, Any], t: float, li
             rights = parse_rights(str(spec["access_rights"]))
         except BadRights as exc:
             raise bad_request(f"access_rights: {exc}", "access_rights") from None
-        if clamp_to(rights, app["access_rights"]) != rights:  # never store less than asked without saying so
-            raise bad_request(f"access_rights: a work is never more open than its app ({format_rights(rights)} "
-                              f"asked, app {app['name']} is {format_rights(app['access_rights'])})",
-                              "access_rights")
+        check_work_rights(rights, app["name"], app["access_rights"])
     replicas = _int(spec, "replicas", 1, 1, 1000) or 1
     expected = spec.get("expected_host")
     if expected is not None and not isinstance(expected, str):
@@ -307,7 +313,7 @@ def _build(res: Resolver, ident: Identity, spec: Mapping[str, Any], t: float, li
         "max_retries": _int(spec, "max_retries", DEFAULT_MAX_RETRIES, 0, 1000), "retries": 0,
         "replicas": replicas, "requirements": spec.get("requirements") or None, "rank": spec.get("rank") or None,
         "listen_ports": parse_ports(spec.get("listen_ports")),
-        "forward_addresses": _forward(spec.get("forward_addresses")),
+        "forward_addresses": _forward(spec.get("forward_addresses"), res),
         "result": None, "return_code": None, "reason": None, "host": None, "task": None,
         "pending_since": t if inputs_ready else None, "started": None, "completed": None,
     }
@@ -321,6 +327,15 @@ def _build(res: Resolver, ident: Identity, spec: Mapping[str, Any], t: float, li
     for r in out:
         apps_of[r["uid"]] = app
     return out
+
+
+def check_work_rights(rights: int, app_name: str, app_rights: int) -> None:
+    """A work is never more open than its app: asking for more is refused (403 naming access_rights)."""
+    allowed = clamp_to(rights, app_rights)
+    if allowed != rights:
+        raise ApiError(403, f"access_rights: a work is never more open than its app ({app_name} is "
+                            f"{format_rights(app_rights)}): asked {format_rights(rights)}, "
+                            f"{format_rights(allowed)} at most", "access_rights")
 
 
 _PER_WORK = frozenset({"args", "label"})  # the fields in which the works of one bag usually differ
@@ -344,8 +359,9 @@ def _expected(value: str | None) -> str | None:
     return value
 
 
-def _forward(value: Any) -> str | None:
-    """``"ADDRESS,PORT"`` pairs separated by ``;`` (XWHEP's --xwforwardaddresses)."""
+def _forward(value: Any, res: Resolver | None = None) -> str | None:
+    """``"ADDRESS,PORT"`` pairs separated by ``;`` (XWHEP's --xwforwardaddresses). With ``res``, each address
+    must be one the submitter may use: its own server proxy, or a listen port of a work it may execute."""
     if value in (None, ""):
         return None
     if not isinstance(value, str):
@@ -356,11 +372,33 @@ def _forward(value: Any) -> str | None:
             raise bad_request(f"forward_addresses: {pair!r} is not ADDRESS,PORT", "forward_addresses")
         parse_ports(parts[1], "forward_addresses")
     try:  # what the relay will accept: xwproxy:<token> or xw://server/<uid>:<port>, each job-local port once
-        for address, _ in parse_forwards(value):
-            parse_target(address)
+        targets = [(address, parse_target(address)) for address, _ in parse_forwards(value)]
     except BadAddress as exc:
         raise bad_request(f"forward_addresses: {exc}", "forward_addresses") from None
+    if res is not None:
+        for address, target in targets:
+            _may_forward(res, address, target)
     return value
+
+
+def _may_forward(res: Resolver, address: str, target: Target) -> None:
+    """Refused at submission (403 naming forward_addresses) what the relay would refuse when the job connects,
+    so that the work does not run only to find its tunnels closed."""
+    if target.proxy is not None:
+        why = res.proxy_refusal(target.proxy, res.ident.uid) if res.proxy_refusal else None
+        if why:
+            raise ApiError(403, f"forward_addresses: {why}: a work may name only its owner's server proxies",
+                           "forward_addresses")
+        return
+    assert target.work is not None and target.port is not None
+    try:
+        row = c.load_checked(res.conn, res.ident, "work", target.work, Action.EXECUTE)
+    except ApiError as exc:  # 404 (unreadable or unknown: no existence leak) or 403 (readable, not executable)
+        raise ApiError(exc.status, f"forward_addresses: {address}: {exc.message}", "forward_addresses") from None
+    ports = (row["listen_ports"] or "").split(",")
+    if str(target.port) not in ports:
+        raise bad_request(f"forward_addresses: {address}: work {target.work} does not listen on port {target.port} "
+                          f"(its listen ports: {row['listen_ports'] or 'none'})", "forward_addresses")
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
@@ -474,26 +512,39 @@ def delete_many(conn: Connection, ident: Identity, where: sa.ColumnElement[bool]
 
 # -- why pending -----------------------------------------------------------------------------------------------
 
-def why(conn: Connection, ident: Identity, uid: str, hosts: list[HostProfile], alive_since: float) -> dict[str, Any]:
-    """Per requirement, how many registered hosts satisfy it (``condor_q -better-analyze``)."""
+WHY_SECONDS = 3.0  # the most time ``why`` spends checking hosts; past it the answer says "partial"
+
+
+def why_context(conn: Connection, ident: Identity, uid: str, alive_since: float) -> dict[str, Any]:
+    """What ``why`` needs from the database (checked: ``ident`` may read the work); the hosts are checked apart,
+    off the event loop (:func:`why_report`)."""
     row = c.load_checked(conn, ident, "work", uid, Action.READ)
     app = c.load(conn, "app", row["app"])
     res = Resolver(conn, ident)
-    profile = profile_of(row, app, res.owner_group(row["owner"]))
-    rows = summarize(profile, hosts)
-    alive = conn.execute(sa.select(s.hosts.c.uid).where(s.hosts.c.last_alive >= alive_since)).scalars().all()
-    alive_set = set(alive)
-    alive_rows = summarize(profile, [h for h in hosts if h.uid in alive_set])
-    fit_alive = alive_rows[-1][1]
+    alive = set(conn.execute(sa.select(s.hosts.c.uid).where(s.hosts.c.last_alive >= alive_since)).scalars().all())
     ahead = conn.execute(sa.select(sa.func.count()).select_from(s.works).where(
         s.works.c.status == WorkStatus.PENDING, s.works.c.id < row["id"])).scalar()
-    return {
-        "uid": uid, "status": row["status"], "reason": row["reason"], "retries": row["retries"],
-        "max_retries": row["max_retries"], "hosts": len(hosts), "hosts_alive": len(alive_set),
-        "matching_alive": fit_alive, "pending_ahead": ahead,
+    return {"profile": profile_of(row, app, res.owner_group(row["owner"])), "alive": alive, "ahead": ahead,
+            "head": {"uid": uid, "status": row["status"], "reason": row["reason"], "retries": row["retries"],
+                     "max_retries": row["max_retries"]}}
+
+
+def why_report(ctx: Mapping[str, Any], hosts: list[HostProfile], seconds: float = WHY_SECONDS,
+               stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Per requirement, how many registered hosts satisfy it (``condor_q -better-analyze``), checking hosts for at
+    most ``seconds``: then ``partial`` is true and ``checked`` says how many of ``hosts`` were. CPU-bound (one
+    requirements expression per host): run it in a worker thread."""
+    found = survey(ctx["profile"], hosts, ctx["alive"], seconds, stop)
+    out = {
+        **ctx["head"], "hosts": len(hosts), "hosts_alive": len(ctx["alive"]), "matching_alive": found.fit_alive,
+        "pending_ahead": ctx["ahead"], "checked": found.checked, "partial": found.partial,
         "requirements": [{"name": n, "satisfied_by": ok, "of": tot, "example_failure": sample}
-                         for n, ok, tot, sample in rows],
+                         for n, ok, tot, sample in found.rows],
     }
+    if found.partial:
+        out["note"] = (f"partial: {found.checked} of {found.total} hosts checked (the check stops after "
+                       f"{seconds:g} s)")
+    return out
 
 
 def check_transition(current: str, target: str) -> None:
