@@ -32,14 +32,19 @@ def _user(srv: ServerProc, login: str, level: str = "STANDARD_USER") -> Client:
 
 def test_hosts_per_user_are_capped(server: ServerProc) -> None:
     with _user(server, "alice") as alice:
-        hosts = [alice.register_host({"name": f"pc{i}"})["uid"] for i in range(3)]
+        hosts = [alice.register_host({"name": f"pc{i}"}) for i in range(3)]
         with pytest.raises(XwError) as err:
             alice.register_host({"name": "pc3"})
         assert err.value.status == 403 and err.value.field == "hosts"
         assert "alice already owns 3 hosts, at most 3 per user" in err.value.message, err.value.message
-        # an existing host re-registers (a worker restarting keeps its uid)
-        assert alice.register_host({"uid": hosts[0], "name": "pc0", "memory": 2048})["uid"] == hosts[0]
+        # an existing host re-registers with its key (a worker restarting keeps its uid)
+        again = alice.register_host({"uid": hosts[0]["uid"], "key": hosts[0]["key"], "name": "pc0", "memory": 2048})
+        assert again["uid"] == hosts[0]["uid"]
         assert sum(1 for h in alice.hosts() if h["owner"] == alice.me()["uid"]) == 3
+        # a re-registration without the key is a new host: refused past the cap too
+        with pytest.raises(XwError) as err:
+            alice.register_host({"uid": hosts[0]["uid"], "name": "pc0"})
+        assert err.value.status == 403 and err.value.field == "hosts"
     with _user(server, "bob") as bob:  # the cap is per user
         bob.register_host({"name": "bobs-pc"})
     # a worker identity (a pool of workers) and the administrator are not capped
