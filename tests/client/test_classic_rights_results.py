@@ -75,7 +75,7 @@ def test_xwchmod_refuses_a_work_more_open_than_its_app(srv: ServerProc, tmp_path
         prog = tmp_path / "private.sh"
         prog.write_text("#!/bin/sh\ntrue\n")
         admin.put_app("private-tool", binaries={"linux/x86_64": prog}, access_rights="0x700")
-        work = admin.submit("private-tool")
+        work = admin.submit("private-tool", expected_host="nobody")  # never runs: left for the module's others
     conf = srv.admin_conf
     p = _run(conf, "xwchmod", "0x755", work["uri"], cwd=tmp_path)
     assert p.returncode == 1 and "a work is never more open than its app (private-tool is 0x700): asked 0x755, " \
@@ -90,9 +90,10 @@ def test_xwresults_erases_only_the_callers_own_works(srv: ServerProc, tmp_path: 
     alice_conf, bob_conf = _conf(srv, "alice", tmp_path), _conf(srv, "bob", tmp_path)
     with Client.from_config(alice_conf) as alice, Client.from_config(bob_conf) as bob, \
             Client.from_config(srv.worker_conf) as wc:
-        alices = alice.submit("echo", access_rights="0x755")["uid"]  # readable by everybody
-        bobs = bob.submit("echo")["uid"]
-        worker = SdkWorker(wc, "w")
+        # pinned to this test's host: the module's other works (private ones too) may run on public workers
+        alices = alice.submit("echo", access_rights="0x755", expected_host="w-results")["uid"]  # readable by all
+        bobs = bob.submit("echo", expected_host="w-results")["uid"]
+        worker = SdkWorker(wc, "w-results")
         for task in worker.take(2):
             worker.finish(task["task"], result=f"result of {task['work']}\n".encode(), tmp=tmp_path)
         out = tmp_path / "out"
