@@ -197,9 +197,9 @@ def host_record(conn: Connection, ident: Identity, uid: str, server: str, recent
     ran = conn.execute(sa.select(sa.func.sum(t.ended - t.started)).where(t.host == uid, t.ended.is_not(None)))
     latest = conn.execute(sa.select(t.uid, t.work, t.trial, t.status, t.started, t.ended, t.return_code, t.reason)
                           .where(t.host == uid).order_by(t.started.desc()).limit(recent)).mappings()
-    return {"host": c.render(row, server), "tasks": counts,
+    return {"host": c.render(dict(row), server), "tasks": counts,
             "done": counts.get(TaskStatus.COMPLETED, 0),
             "failed": sum(counts.get(x, 0) for x in (TaskStatus.ERROR, TaskStatus.FAILED)),
             "interrupted": sum(counts.get(x, 0) for x in (TaskStatus.ABORTED, TaskStatus.LOST)),
-            "run_seconds": float(ran.scalar() or 0.0), "recent": [c.render(r, server) for r in latest],
+            "run_seconds": float(ran.scalar() or 0.0), "recent": [c.render(dict(r), server) for r in latest],
             "time": c.iso(time.time())}
