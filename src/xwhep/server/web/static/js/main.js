@@ -28,6 +28,7 @@ const nav = document.getElementById('nav');
 const who = document.getElementById('who');
 let cleanup = null;
 let loginNote = '';
+let offMode = null;
 
 export function navigate(path, replace = false) {
   if (replace) history.replaceState({}, '', path);
@@ -45,7 +46,8 @@ function navLinks(s, current) {
 
 function header(s) {
   const dot = h('span', {class: 'live-dot', id: 'live-state', title: 'live updates'});
-  live.onMode((mode) => {
+  if (offMode) offMode();
+  offMode = live.onMode((mode) => {
     dot.dataset.mode = mode;
     dot.title = mode === 'streaming' ? 'live: event stream' : mode === 'polling' ? 'live: polling' : 'not live';
     dot.setAttribute('aria-label', dot.title);

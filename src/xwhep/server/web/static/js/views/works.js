@@ -84,8 +84,9 @@ export async function renderOne(root, [uid], ctx) {
 
   let lastStatus = null;
   let busy = false;
+  let gone = false;
   async function refresh() {
-    if (busy) return;
+    if (busy || gone) return;
     busy = true;
     try {
       work = await ctx.api(`/works/${encodeURIComponent(uid)}`);
@@ -126,7 +127,7 @@ export async function renderOne(root, [uid], ctx) {
         await Promise.all([renderWhy(whyCard, whyEl, work, ctx), renderLogs(logsEl, work, ctx)]);
       }
     } catch (exc) {
-      if (exc.status === 404) { renderNotFound(root, 'work'); return; }
+      if (exc.status === 404) { gone = true; renderNotFound(root, 'work'); return; }  // deleted meanwhile
       throw exc;
     } finally {
       busy = false;
