@@ -581,6 +581,14 @@ class Client:
         return self._json("GET", "/hosts")  # type: ignore[no-any-return]
 
     # -- the worker protocol ---------------------------------------------------------------------------------------
+    def host_record(self, ref: str) -> dict[str, Any]:
+        """What a host did (its owner, administrators): tasks by status, time run, latest tasks."""
+        return self._json("GET", f"/hosts/{uid_of(ref)}/stats")  # type: ignore[no-any-return]
+
+    def stats(self, **params: Any) -> dict[str, Any]:
+        """Works by status, bags' progress, hosts alive (GET /stats; ``group=``, ``label=``, ``by="label"``)."""
+        return self._json("GET", "/stats", params={k: v for k, v in params.items() if v is not None})  # type: ignore
+
     def register_host(self, description: dict[str, Any]) -> dict[str, Any]:
         """Register a host (a new one answers with its ``key``: keep it), or refresh one: ``uid`` and ``key`` in
         ``description``, or a client already bound to it. The answer has a ``token`` bound to the host; pass the

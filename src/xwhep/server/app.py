@@ -18,9 +18,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from xwhep import __version__
 from xwhep.core.model import UsageLevel, WorkStatus
 from xwhep.server import hosts as hostcache
-from xwhep.server import revocation
+from xwhep.server import revocation, web
 from xwhep.server.api import models, oidc, routes, worker
 from xwhep.server.api import relay as relay_routes
+from xwhep.server.api import stats as stats_routes
 from xwhep.server.api import x509 as x509_routes
 from xwhep.server.api.deps import FastJSON
 from xwhep.server.db import schema as s
@@ -155,7 +156,7 @@ def create_app(st: ServerState) -> FastAPI:
             if hosts or tasks:
                 await st.db.run(dispatch.flush_alive, hosts, tasks)
 
-    app = FastAPI(title="xwhep", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="xwhep", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="A secured desktop grid after XtremWeb-HEP: works, data, apps, workers.")
     app.state.xw = st
     app.include_router(routes.router)
@@ -163,6 +164,8 @@ def create_app(st: ServerState) -> FastAPI:
     app.include_router(oidc.router)
     app.include_router(x509_routes.router)
     app.include_router(relay_routes.router)
+    app.include_router(stats_routes.router)
+    web.install(app)  # the dashboard (/ui/) and /docs, /redoc from local files
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> FastJSON:

@@ -36,7 +36,19 @@ def run_cmd(
     signal.signal(signal.SIGTERM, lambda *_: worker.shutdown())
     signal.signal(signal.SIGINT, lambda *_: worker.shutdown())
     print(f"xwhep worker started (workdir {cfg.workdir}, pool {cfg.pool})", flush=True)
-    worker.run()
+    page = None
+    if cfg.status_port is not None:
+        from xwhep.worker.statuspage import TOKEN_FILE, StatusPage
+
+        page = StatusPage(cfg, cfg.status_port)
+        url = page.start()
+        print(f"xwhep worker status page at {url} (its key: {cfg.workdir / TOKEN_FILE}; "
+              "'xwworker status --page' prints the address with it)", flush=True)
+    try:
+        worker.run()
+    finally:
+        if page is not None:
+            page.stop()
 
 
 @app.command("status")
@@ -44,12 +56,22 @@ def status_cmd(
     workdir: Annotated[Path | None, typer.Option(help="The worker's work directory")] = None,
     config: Annotated[Path | None, typer.Option("--config", "--xwconfig", help="Worker config")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the raw status")] = False,
+    page: Annotated[bool, typer.Option("--page", help="Print the status page's address (with its key)")] = False,
 ) -> None:
     """What the worker runs now, and why it is idle."""
     if workdir is None:
         from xwhep.worker.config import load_worker_config
 
         workdir = load_worker_config(config).workdir
+    if page:
+        from xwhep.worker.statuspage import page_url
+
+        url = page_url(workdir)
+        if url is None:
+            raise ConfigError(f"no status page for the worker in {workdir} (set [worker] status_port and restart "
+                              "it; the key file must be readable)")
+        print(url)
+        return
     path = workdir / "status.json"
     if not path.exists():
         raise ConfigError(f"no worker status in {workdir} (is a worker running there?)")
@@ -66,6 +88,35 @@ def status_cmd(
         print(f"  idle: {st['idle_reason']}")
     if st["results_pending"]:
         print(f"  {st['results_pending']} result(s) waiting for the server")
+
+
+@app.command("pause")
+def pause_cmd(
+    config: Annotated[Path | None, typer.Option("--config", "--xwconfig", help="Worker config (TOML)")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="The worker's work directory")] = None,
+) -> None:
+    """Pause the worker: its jobs stop (they go back to the server) and it takes none until 'xwworker resume'."""
+    from xwhep.worker.config import load_worker_config
+    from xwhep.worker.statuspage import pause
+
+    cfg = load_worker_config(config, workdir)
+    changed = pause(cfg)
+    print(f"{'paused' if changed else 'already paused'} ({cfg.pause_file}); the worker stops within its "
+          f"activation check ({cfg.activation_check_s:g} s)")
+
+
+@app.command("resume")
+def resume_cmd(
+    config: Annotated[Path | None, typer.Option("--config", "--xwconfig", help="Worker config (TOML)")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="The worker's work directory")] = None,
+) -> None:
+    """Resume a paused worker."""
+    from xwhep.worker.config import load_worker_config
+    from xwhep.worker.statuspage import resume
+
+    cfg = load_worker_config(config, workdir)
+    changed = resume(cfg)
+    print("resumed" if changed else f"not paused ({cfg.pause_file} does not exist)")
 
 
 def _pid_alive(pid: int | None) -> bool:

@@ -16,13 +16,15 @@
     job_max_procs = 512
     cache_mb = 4096
     datas = ["atlas-conditions"]
+    status_port = 8790            # the volunteer's status page on 127.0.0.1 (default: none; 0: any free port)
 
     [worker.packages]
     ROOT = "6.30"
 
-    [activation]                  # default: always
+    [activation]                  # default: always (but for the volunteer's pause, below)
     time_windows = "Mon-Fri 18-8, Sat-Sun *"
     cpu_load_max = 50
+    pause_file = "~/.xwhep/paused" # inactive while it exists; default WORKDIR/paused ('xwworker pause' makes it)
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ class WorkerConfig:
     long_poll_s: float = 20.0
     zip_max_mb: int = 4096
     zip_max_files: int = 100_000
+    status_port: int | None = None  # the local status page (worker/statuspage.py); None: off
+
+    @property
+    def pause_file(self) -> Path:
+        """The volunteer's switch (activation.PauseFile): ``xwworker pause`` creates it, ``resume`` removes it."""
+        return Path(str(self.activation.get("pause_file") or self.workdir / "paused")).expanduser()
 
 
 def _get(section: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
@@ -80,6 +88,14 @@ def load_worker_config(path: str | os.PathLike[str] | None, workdir: Path | None
     act = raw.get("activation", {})
     if not isinstance(act, dict):
         raise ConfigError("worker config: [activation] must be a table")
+    act = dict(act)
+    if "pause_file" not in act:  # every worker can be paused by its volunteer, whatever its other policies
+        if act.get("policy") == "always":
+            del act["policy"]
+        act["pause_file"] = str(wd.resolve() / "paused")
+    port = _get(w, "status_port", int, None)
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError("worker config: status_port must be 0-65535 (0: any free port)")
     cfg = WorkerConfig(
         client=client, workdir=wd.resolve(), pool=n, project=_get(w, "project", str, None),
         incoming=bool(incoming) if incoming is not None else bool(_get(w, "incoming_connections", bool, False)),
@@ -87,7 +103,7 @@ def load_worker_config(path: str | os.PathLike[str] | None, workdir: Path | None
         datas=[str(d) for d in _get(w, "datas", list, [])],
         job_memory_mb=_get(w, "job_memory_mb", int, None), job_cpu=_get(w, "job_cpu", (int, float), None),
         job_max_procs=_get(w, "job_max_procs", int, 512), cache_mb=int(_get(w, "cache_mb", int, 4096)),
-        activation=dict(act), activation_check_s=float(_get(w, "activation_check_s", (int, float), 10.0)),
-        long_poll_s=float(_get(w, "long_poll_s", (int, float), 20.0)),
+        activation=act, activation_check_s=float(_get(w, "activation_check_s", (int, float), 10.0)),
+        long_poll_s=float(_get(w, "long_poll_s", (int, float), 20.0)), status_port=port,
     )
     return cfg
