@@ -91,3 +91,35 @@ def test_zip_max_mb_from_the_config_bounds_what_a_bomb_writes(grid: tuple[Server
     assert w["reason"].startswith("staging:") and w["result"] is None, w
     assert not list((worker.workdir / "jobs").iterdir())
     c.close()
+
+
+PROBE_APP = r"""#!/bin/sh
+# Everything a job can read about the processes and mounts around it.
+for p in /proc/[0-9]*; do
+  echo "== $p"; tr '\0' ' ' < $p/cmdline; echo; tr '\0' ' ' < $p/environ; echo
+  for f in $p/fd/*; do readlink "$f"; done
+  readlink $p/cwd $p/root $p/exe
+done
+cat /proc/self/mountinfo /proc/self/mounts /proc/self/cgroup
+cat
+"""
+
+
+def test_job_sees_neither_the_workdir_nor_the_tmp_path(grid: tuple[ServerProc, WorkerProc], tmp_path: Path) -> None:
+    # Issue 13 §3: the host workdir path showed inside the job (/proc/1/cmdline, mountinfo).
+    server, worker = grid
+    c = server.client()
+    stdin = tmp_path / "stdin.txt"
+    stdin.write_text("from stdin\n")
+    app = put_app(c, tmp_path, "probe", PROBE_APP)
+    uid = str(c.submit(app, args="a b", stdin=str(stdin))["uid"])
+    assert wait_status(c, uid, FINAL, timeout=60) == "COMPLETED"
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = c.fetch_result(uid, out_dir).read_text()
+    assert "== /proc/1" in out and " /job rw,nosuid,nodev" in out and out.endswith("from stdin\n"), out
+    secrets = {str(worker.workdir), str(worker.workdir.resolve()), str(worker.root), str(tmp_path), "pytest-of-",
+               str(server.home)}
+    leaks = [line for line in out.splitlines() if any(s in line for s in secrets)]
+    assert not leaks, leaks
+    c.close()
