@@ -22,6 +22,7 @@ from typing import Any
 from cluster import ServerProc
 
 from xwhep.client.sdk import XwError
+from xwhep.worker.executors.native import live_job_dir
 
 STARTED = "xwhep worker started"
 
@@ -228,8 +229,8 @@ def running_task(worker: WorkerProc, work: str, timeout: float = 30.0) -> str:
 
 
 def release(worker: WorkerProc, task: str) -> None:
-    """Open the gate of a gate job."""
-    (job_dir(worker, task) / "go").write_text("go\n")
+    """Open the gate of a gate job: through the job's own view of its dir (its overlay, see live_job_dir)."""
+    (live_job_dir(job_dir(worker, task)) / "go").write_text("go\n")
 
 
 def drain(client: Any, uids: list[str], stall_s: float, deadline_s: float,

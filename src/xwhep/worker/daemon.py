@@ -447,11 +447,12 @@ class Worker:
             idle = self.idle_reason
         else:
             idle = st.idle_reason()
-        status: dict[str, Any] = {"host": self.host, "server": self.cfg.client.server, "pid": os.getpid(), "active": st.active,
-                  "pool": self.cfg.pool, "running": jobs, "idle_reason": None if jobs else idle,
-                  "results_pending": len(deliveries), "deliveries": deliveries,
-                  "abandoned": [{"task": a.task, "work": a.work, "reason": a.reason,
-                                 "at": round(wall - (mono - a.at), 3)} for a in st.abandoned]}
+        status: dict[str, Any] = {
+            "host": self.host, "server": self.cfg.client.server, "pid": os.getpid(), "active": st.active,
+            "pool": self.cfg.pool, "running": jobs, "idle_reason": None if jobs else idle,
+            "results_pending": len(deliveries), "deliveries": deliveries,
+            "abandoned": [{"task": a.task, "work": a.work, "reason": a.reason, "at": round(wall - (mono - a.at), 3)}
+                          for a in st.abandoned]}
         text = json.dumps(status)
         if text == self._status_text:
             return

@@ -59,7 +59,8 @@ from xwhep.worker.executors.base import ExecutorError, JobOutcome, JobSpec, Outc
 
 log = logging.getLogger("xwhep.worker")
 
-__all__ = ["JOB_GID", "JOB_UID", "NativeExecutor", "NativeJob", "build_bwrap_argv", "measure_overhead"]
+__all__ = ["JOB_GID", "JOB_UID", "NativeExecutor", "NativeJob", "build_bwrap_argv", "live_job_dir",
+           "measure_overhead"]
 
 JOB_UID = 1000
 JOB_GID = 1000
@@ -681,6 +682,31 @@ class NativeJob:
     def _cleanup_cgroup(self) -> None:
         if self._cgroup is not None:
             self._cgroup.remove()
+
+
+def live_job_dir(jobdir: Path) -> Path:
+    """Where the host reaches a running job's ``/job`` as the job sees it.
+
+    Through the job's overlay, files written into the job dir from the host *during* the run are not seen by the
+    job (overlayfs does not revalidate its upper layer; nothing of the worker does that). An operator or a test
+    that must hand a running job a file writes it here instead: the overlay, reached in the job's own mount
+    namespace through ``/proc/<pid>/root`` of its sandbox monitor (whose working directory is the job dir's
+    parent). Without an overlay (or once the job is over) it is the job dir itself.
+    """
+    parent = str(jobdir.parent.resolve())
+    mnt = jobdir.parent.resolve() / f".{jobdir.name}.ovl" / "mnt"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") != parent:
+                continue
+            view = Path(f"/proc/{pid}/root") / mnt.relative_to("/")
+            if os.path.ismount(view):
+                return view
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return jobdir
 
 
 def measure_overhead(n: int = 20, executor: NativeExecutor | None = None, workdir: Path | None = None) -> float:
