@@ -459,7 +459,7 @@ def test_job_sees_no_host_path(ex: NativeExecutor, dirs: tuple[Path, Path], tmp_
     assert "== /proc/1" in out and " /job rw,nosuid,nodev" in out and out.endswith("the stdin\n")  # it looked
     for secret in (str(tmp_path), str(tmp_path.resolve()), "pytest-of-"):
         assert secret not in out, [line for line in out.splitlines() if secret in line]
-    assert not (dirs[0].parent / ".job.ovl").exists()  # the overlay's scaffold is gone with the job
+    assert sorted(p.name for p in dirs[0].parent.iterdir()) == ["job", "log", "stdin.txt"]  # no overlay leftovers
 
 
 def test_without_the_overlay_mountinfo_would_show_the_job_dir(dirs: tuple[Path, Path], tmp_path: Path) -> None:

@@ -32,8 +32,8 @@ fallback.
 
 A job is started in three steps so that it is inside its cgroup before it can fork: a ``/bin/sh`` gate is
 spawned and blocks reading its stdin, the worker moves it into the cgroups, then releases the gate, which
-``exec``s bubblewrap (through ``unshare`` and the overlay's mount when used; same pid, so already a member). The
-rest of the gate pipe is the job's stdin.
+``exec``s bubblewrap (same pid, so already a member; with the overlay the gate runs under ``unshare`` and mounts
+it first). The rest of the gate pipe is the job's stdin.
 """
 
 from __future__ import annotations
@@ -82,9 +82,11 @@ _HOSTS = "127.0.0.1 localhost xwjob\n::1 localhost ip6-localhost ip6-loopback\n"
 # line from the gate pipe (the shell reads a pipe byte by byte: nothing after the newline), whose rest is the job's
 # stdin; if the worker dies before releasing, read sees EOF and the job never starts.
 _GATE_SCRIPT = 'read _ || exit 125; unset PWD OLDPWD; exec "$@"'  # bwrap's environ (/proc/1) names no host dir
-# Run by `unshare -Urm` in the job's own mount namespace, in the job dir's parent: $1 the overlay options, $2 the
-# mount point, the rest the bwrap command line.
-_MOUNT_SCRIPT = 'mount -t overlay overlay -o "$1" "$2" || exit 124; shift 2; unset PWD OLDPWD; exec "$@"'
+# The gate when the job dir goes through an overlay: run by `unshare -Urm` (so already in the job's own mount
+# namespace; one shell for both steps, as every exec costs a millisecond or two) in the job dir's parent: $1 the
+# overlay options, $2 the mount point, the rest the bwrap command line.
+_MOUNT_SCRIPT = ('read _ || exit 125; mount -t overlay overlay -o "$1" "$2" || exit 124; shift 2; '
+                 'unset PWD OLDPWD; exec "$@"')
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a job dir name that can go into overlay options as is
 _DRAIN_S = 10.0  # after the job's processes are gone, the pipes reach EOF at once; this only bounds surprises
 
@@ -101,13 +103,12 @@ def build_bwrap_argv(
     etc_fds: dict[str, int] | None = None,
     tmp_size_mb: int | None = 256,
     seccomp_fd: int | None = None,
-    job_source: Path | None = None,
 ) -> list[str]:
     """The bubblewrap command line for ``spec`` (see the module docstring for what the job sees).
 
     ``etc_fds`` maps file names (``passwd``, ``group``, ``hosts``) to readable fds whose content becomes
     ``/etc/<name>``; ``status_fd`` receives bwrap's JSON status (child pid, then the exit code if the command ran);
-    ``seccomp_fd`` holds the filter to load; ``job_source`` is what to mount at /job (default: the job dir).
+    ``seccomp_fd`` holds the filter to load.
     """
     a: list[str] = [bwrap]
     a += ["--unshare-all", "--unshare-user", "--uid", str(JOB_UID), "--gid", str(JOB_GID), "--disable-userns"]
@@ -127,7 +128,7 @@ def build_bwrap_argv(
     if tmp_size_mb:
         a += ["--size", str(tmp_size_mb << 20)]
     a += ["--tmpfs", "/tmp"]
-    a += ["--bind", str((job_source or spec.jobdir).resolve()), "/job"]
+    a += ["--bind", str(spec.jobdir.resolve()), "/job"]
     if spec.unix_socket_dir is not None:
         a += ["--bind", str(spec.unix_socket_dir.resolve()), SOCKETS_MOUNT]
     # Last: nothing may be created in the sandbox's root tmpfs by the job (only /job and /tmp are writable).
@@ -210,26 +211,37 @@ def _rmtree(path: Path) -> None:
 
 
 class _Overlay:
-    """The per-job overlay scaffold next to the job dir: an empty lower layer, overlayfs's work dir, the mount
-    point. Its mount options name only paths relative to the job dir's parent."""
+    """The per-job overlay: an empty lower layer and overlayfs's work dir next to the job dir; the overlay is
+    mounted over the job dir itself (the upper layer), so bwrap binds the same path as without one. Its mount
+    options name only paths relative to the job dir's parent."""
 
-    def __init__(self, jobdir: Path) -> None:
+    def __init__(self, jobdir: Path, volatile: bool = True) -> None:
         self.cwd = jobdir.parent
-        self.root = self.cwd / f".{jobdir.name}.ovl"
-        self.mnt = self.root / "mnt"
-        rel = self.root.name
-        self.options = (f"lowerdir={rel}/lower,upperdir={jobdir.name},workdir={rel}/work,userxattr,nosuid,nodev")
+        self.mnt = jobdir
+        self.lower = self.cwd / f".{jobdir.name}.lower"
+        self.work = self.cwd / f".{jobdir.name}.work"
+        # volatile: no sync of the upper filesystem when the job's namespace goes (the job dir is scratch space)
+        self.options = (f"lowerdir={self.lower.name},upperdir={jobdir.name},workdir={self.work.name},userxattr,"
+                        f"{'volatile,' if volatile else ''}nosuid,nodev")
 
     def create(self) -> None:
-        if self.root.exists():
-            _rmtree(self.root)
-        self.root.mkdir(mode=0o700)
-        for d in ("lower", "work", "mnt"):
-            (self.root / d).mkdir(mode=0o700)
+        self.remove()
+        self.lower.mkdir(mode=0o700)
+        self.work.mkdir(mode=0o700)
 
     def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.lower.rmdir()
+        inner = self.work / "work"  # overlayfs's own, mode 000
         with contextlib.suppress(OSError):
-            _rmtree(self.root)
+            os.chmod(inner, 0o700)
+        for d in (inner / "incompat" / "volatile" / "dirty", inner / "incompat" / "volatile", inner / "incompat",
+                  inner, self.work):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                try:
+                    d.rmdir()
+                except OSError:  # not what overlayfs usually leaves: remove whatever it is
+                    _rmtree(d)
 
 
 class NativeExecutor:
@@ -327,9 +339,9 @@ def _probe_overlay(unshare: str, parent: Path) -> bool:
         ov = _Overlay(job)
         ov.create()
         try:
-            out = subprocess.run([unshare, "-Urm", "--", "/bin/sh", "-c", _MOUNT_SCRIPT, "xwhep-mount", ov.options,
-                                  str(ov.mnt.relative_to(ov.cwd)), "/bin/true"], cwd=ov.cwd, capture_output=True,
-                                 timeout=30, env={"PATH": "/usr/bin:/bin"})
+            out = subprocess.run([unshare, "-Urm", "--", "/bin/sh", "-c", _MOUNT_SCRIPT, "xwhep-gate", ov.options,
+                                  ov.mnt.name, "/bin/true"], cwd=ov.cwd, capture_output=True,
+                                 input=b"go\n", timeout=30, env={"PATH": "/usr/bin:/bin"})
         except (OSError, subprocess.SubprocessError) as e:
             log.warning("native executor: no overlay for job dirs (%s): jobs will see their dir's host path", e)
             return False
@@ -459,30 +471,29 @@ class NativeJob:
         err_r, err_w = os.pipe()
         self._status_r = status_r
         filter_fd = _memfd("xwhep-seccomp", seccomp.setuid_filter()) if seccomp.supported() else None
-        job_source = None
         if self._overlay is not None:
             self._overlay.create()
-            job_source = self._overlay.mnt
         argv = build_bwrap_argv(spec, bwrap=self._ex.bwrap, status_fd=status_w, etc_fds=etc_fds,
-                                tmp_size_mb=self._ex.tmp_size_mb, seccomp_fd=filter_fd, job_source=job_source)
+                                tmp_size_mb=self._ex.tmp_size_mb, seccomp_fd=filter_fd)
         # bwrap reads its options from a memfd and closes it: none of the host paths they hold is visible in the
         # sandbox (its pid 1 is bwrap, whose /proc/1/cmdline would otherwise show them all). The command itself
         # (the job's own argv) stays on the command line, where bwrap wants it.
         sep = argv.index("--")
         args_fd = _memfd("xwhep-bwrap-args", b"".join(a.encode() + b"\0" for a in argv[1:sep]))
         cmd = [argv[0], "--args", str(args_fd), *argv[sep:]]
+        gate = ["/bin/sh", "-c", _GATE_SCRIPT, "xwhep-gate", *cmd]
         cwd = None
         if self._overlay is not None:
             unshare = shutil.which("unshare") or "unshare"
-            cmd = [unshare, "-Urm", "--", "/bin/sh", "-c", _MOUNT_SCRIPT, "xwhep-mount", self._overlay.options,
-                   str(self._overlay.mnt.relative_to(self._overlay.cwd)), *cmd]
+            gate = [unshare, "-Urm", "--", "/bin/sh", "-c", _MOUNT_SCRIPT, "xwhep-gate", self._overlay.options,
+                    self._overlay.mnt.name, *cmd]
             cwd = self._overlay.cwd
         passed = [status_w, args_fd, *etc_fds.values()] + ([filter_fd] if filter_fd is not None else [])
         try:
             self._logs = [open(spec.stdout_path, "wb"), open(spec.stderr_path, "wb")]  # noqa: SIM115
             self._pipes = {out_r: self._logs[0].fileno(), err_r: self._logs[1].fileno()}
             self._proc = subprocess.Popen(
-                ["/bin/sh", "-c", _GATE_SCRIPT, "xwhep-gate", *cmd],
+                gate,
                 stdin=gate_r, stdout=out_w, stderr=err_w, pass_fds=passed, cwd=cwd,
                 start_new_session=True, env={"PATH": "/usr/bin:/bin"},
             )
@@ -689,19 +700,18 @@ def live_job_dir(jobdir: Path) -> Path:
 
     Through the job's overlay, files written into the job dir from the host *during* the run are not seen by the
     job (overlayfs does not revalidate its upper layer; nothing of the worker does that). An operator or a test
-    that must hand a running job a file writes it here instead: the overlay, reached in the job's own mount
-    namespace through ``/proc/<pid>/root`` of its sandbox monitor (whose working directory is the job dir's
+    that must hand a running job a file writes it here instead: the overlay, in the job's own mount namespace,
+    reached through ``/proc/<pid>/root`` of its sandbox monitor (whose working directory is the job dir's
     parent). Without an overlay (or once the job is over) it is the job dir itself.
     """
     parent = str(jobdir.parent.resolve())
-    mnt = jobdir.parent.resolve() / f".{jobdir.name}.ovl" / "mnt"
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             if os.readlink(f"/proc/{pid}/cwd") != parent:
                 continue
-            view = Path(f"/proc/{pid}/root") / mnt.relative_to("/")
+            view = Path(f"/proc/{pid}/root") / jobdir.resolve().relative_to("/")
             if os.path.ismount(view):
                 return view
         except OSError:  # gone meanwhile, or not ours to look at
