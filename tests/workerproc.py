@@ -21,6 +21,9 @@ from typing import Any
 
 from cluster import ServerProc
 
+from xwhep.client.sdk import XwError
+from xwhep.worker.executors.native import live_job_dir
+
 STARTED = "xwhep worker started"
 
 
@@ -187,3 +190,76 @@ class WorkerProc:
                 raise AssertionError(f"worker exited ({self.proc and self.proc.returncode}) while waiting for "
                                      f"{what}:\n{self.log_tail()}")
             time.sleep(0.05)
+
+
+# --- helpers for tests that drive real workers through the SDK -------------------------------------------------------
+
+GATE_APP = """#!/bin/sh
+# A gate job: starts, waits for the test to create ./go, then writes its result.
+echo "started" > started.txt
+while [ ! -e go ]; do sleep 0.05; done
+echo "finished: $*" > result.txt
+"""
+
+
+def put_app(client: Any, tmp: Path, name: str, script: str) -> str:
+    """Register a one-file app (a script with its #! line) for linux/x86_64; returns the app name."""
+    path = tmp / f"{name}.bin"
+    path.write_text(script)
+    path.chmod(0o755)
+    client.put_app(name, binaries={"linux/x86_64": path})
+    return name
+
+
+def job_dir(worker: WorkerProc, task: str) -> Path:
+    return worker.workdir / "jobs" / task / "job"
+
+
+def running_task(worker: WorkerProc, work: str, timeout: float = 30.0) -> str:
+    """Wait until ``work`` runs in a sandbox on ``worker`` (its gate job wrote started.txt); return the task."""
+    st = worker.wait_status(lambda s: any(j["work"] == work for j in s["running"]), timeout,
+                            f"work {work} taken by the worker")
+    task = str(next(j["task"] for j in st["running"] if j["work"] == work))
+    deadline = time.monotonic() + timeout
+    while not (job_dir(worker, task) / "started.txt").exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the job of work {work} did not start:\n{worker.log_tail()}")
+        time.sleep(0.05)
+    return task
+
+
+def release(worker: WorkerProc, task: str) -> None:
+    """Open the gate of a gate job: through the job's own view of its dir (its overlay, see live_job_dir)."""
+    (live_job_dir(job_dir(worker, task)) / "go").write_text("go\n")
+
+
+def drain(client: Any, uids: list[str], stall_s: float, deadline_s: float,
+          watch: Callable[[dict[str, int]], None] | None = None) -> dict[str, str]:
+    """Wait until every work is final; fail if no work completes for ``stall_s`` (the stall of issue 13 §1:
+    counts frozen for good) or if it takes longer than ``deadline_s`` in all. ``watch`` sees the counts."""
+    final = {"COMPLETED", "ERROR", "FAILED"}
+    wanted = set(uids)
+    t0 = last_progress = time.monotonic()
+    done = -1
+    status: dict[str, str] = {}
+    while True:
+        try:
+            status = {w["uid"]: w["status"] for w in client.works() if w["uid"] in wanted}
+        except XwError:  # the server is down (a test that kills it): what it said last still stands
+            pass
+        counts: dict[str, int] = {}
+        for s in status.values():
+            counts[s] = counts.get(s, 0) + 1
+        if watch is not None:
+            watch(counts)
+        n = sum(1 for s in status.values() if s in final)
+        now = time.monotonic()
+        if n == len(wanted):
+            return status
+        if n > done:
+            done, last_progress = n, now
+        if now - last_progress > stall_s:
+            raise AssertionError(f"stalled: no work ended for {stall_s:.0f} s; counts {counts}")
+        if now - t0 > deadline_s:
+            raise AssertionError(f"not drained after {deadline_s:.0f} s; counts {counts}")
+        time.sleep(0.25)

@@ -34,6 +34,7 @@ from sdkworker import wait_for, wait_status
 from workerproc import WorkerProc
 
 from xwhep.client import Client
+from xwhep.worker.executors.native import live_job_dir
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed"),
@@ -110,8 +111,8 @@ def running_task(worker: WorkerProc, work: str, timeout: float = 30.0) -> str:
 
 
 def release(worker: WorkerProc, task: str) -> None:
-    """Open the gate of a gate job."""
-    (job_dir(worker, task) / "go").write_text("go\n")
+    """Open the gate of a gate job: through the job's own view of its dir (its overlay, see live_job_dir)."""
+    (live_job_dir(job_dir(worker, task)) / "go").write_text("go\n")
 
 
 def sleep_1000_pids() -> set[int]:
@@ -126,11 +127,13 @@ def sleep_1000_pids() -> set[int]:
 
 
 def pids_mentioning(text: str) -> set[int]:
-    """Processes whose command line mentions ``text`` (a job's bwrap monitor names its job dir)."""
+    """Processes whose command line or working directory mentions ``text`` (a job's bwrap monitor works in the
+    job dir's parent; its command line names no host path)."""
     pids = set()
-    for p in psutil.process_iter(["cmdline", "status"]):
+    for p in psutil.process_iter(["cmdline", "status", "cwd"]):
         try:
-            if p.info["status"] != psutil.STATUS_ZOMBIE and any(text in a for a in p.info["cmdline"] or []):
+            mentions = any(text in a for a in [*(p.info["cmdline"] or []), p.info["cwd"] or ""])
+            if p.info["status"] != psutil.STATUS_ZOMBIE and mentions:
                 pids.add(p.pid)
         except psutil.Error:
             continue

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 import uuid
@@ -433,3 +434,130 @@ def test_bwrap_command_line_shape(dirs: tuple[Path, Path], sockdir: Path) -> Non
 def test_measure_overhead_returns_milliseconds() -> None:
     ms = measure_overhead(3)
     assert 0 < ms < 2000
+
+
+# --- what the job can learn of the host, and what it can leave there (issue 13 §3) ---------------------------------
+
+PROBE = r"""
+for p in /proc/[0-9]*; do
+  echo "== $p"; tr '\0' ' ' < $p/cmdline; echo; tr '\0' ' ' < $p/environ; echo
+  for f in $p/fd/*; do readlink "$f"; done
+  readlink $p/cwd $p/root $p/exe
+done
+cat /proc/self/mountinfo /proc/self/mounts
+cat
+"""
+
+
+def test_job_sees_no_host_path(ex: NativeExecutor, dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    # Issue 13 §3: the host workdir showed in /proc/1/cmdline (bwrap's arguments) and in mountinfo.
+    stdin = tmp_path / "stdin.txt"
+    stdin.write_text("the stdin\n")
+    o = run(ex, dirs, ["/bin/sh", "-c", PROBE], stdin=stdin)
+    assert o.status == "COMPLETED", o.reason
+    out = out_of(o)
+    assert "== /proc/1" in out and " /job rw,nosuid,nodev" in out and out.endswith("the stdin\n")  # it looked
+    for secret in (str(tmp_path), str(tmp_path.resolve()), "pytest-of-"):
+        assert secret not in out, [line for line in out.splitlines() if secret in line]
+    assert sorted(p.name for p in dirs[0].parent.iterdir()) == ["job", "log", "stdin.txt"]  # no overlay leftovers
+
+
+def test_without_the_overlay_mountinfo_would_show_the_job_dir(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    # the control of the test above: the probe does see a host path where there is one
+    o = run(NativeExecutor(hide_paths=False), dirs, ["/bin/sh", "-c", PROBE])
+    assert str(dirs[0].resolve()) in out_of(o)
+
+
+SETUID = r"""
+cp /bin/true t && chmod 755 t && ./t && echo "chmod 755: ok"
+for m in u+s g+s 4755 2755 6755; do chmod $m t 2>/dev/null && echo "chmod $m: ok" || echo "chmod $m: refused"; done
+cp -p /usr/bin/passwd . 2>/dev/null; echo "cp -p passwd: $(stat -c %a passwd)"
+python3 - <<'PY'
+import os
+tries = [("open 4755", lambda: os.open("o", os.O_CREAT | os.O_WRONLY, 0o4755)),
+         ("open tmpfile 2755", lambda: os.open(".", os.O_TMPFILE | os.O_WRONLY, 0o2755)),
+         ("mkdir 2755", lambda: os.mkdir("d", 0o2755)),
+         ("mknod 4755", lambda: os.mknod("n", 0o104755)),
+         ("mknod char device", lambda: os.mknod("c", 0o020644, os.makedev(1, 3))),
+         ("fchmod 4755", lambda: os.fchmod(os.open("f", os.O_CREAT | os.O_WRONLY, 0o644), 0o4755)),
+         ("chmod via /proc/self/fd", lambda: os.chmod(f"/proc/self/fd/{os.open('t', os.O_RDONLY)}", 0o4755)),
+         ("open plain", lambda: os.open("p", os.O_CREAT | os.O_WRONLY, 0o644))]
+for what, call in tries:
+    try:
+        call()
+        print(f"{what}: ok")
+    except OSError as e:
+        print(f"{what}: refused ({e.strerror})")
+PY
+grep " /job " /proc/self/mountinfo
+"""
+
+
+def test_job_cannot_make_setuid_files_nor_devices(ex: NativeExecutor, dirs: tuple[Path, Path]) -> None:
+    # Issue 13 §3: with the worker as root, the job's uid 1000 is root on the host: a job could leave a setuid-root
+    # binary in the workdir. The bits are refused at the source; /job is also mounted nosuid,nodev.
+    o = run(ex, dirs, ["/bin/sh", "-c", SETUID])
+    assert o.status == "COMPLETED", o.reason
+    lines = out_of(o).splitlines()
+    assert lines[:6] == ["chmod 755: ok", "chmod u+s: refused", "chmod g+s: refused", "chmod 4755: refused",
+                         "chmod 2755: refused", "chmod 6755: refused"], lines
+    assert lines[6] == "cp -p passwd: 700"  # copied, without its setuid bit
+    assert lines[7:15] == [
+        "open 4755: refused (Operation not permitted)", "open tmpfile 2755: refused (Operation not permitted)",
+        "mkdir 2755: refused (Operation not permitted)", "mknod 4755: refused (Operation not permitted)",
+        "mknod char device: refused (Operation not permitted)", "fchmod 4755: refused (Operation not permitted)",
+        "chmod via /proc/self/fd: refused (Operation not permitted)", "open plain: ok"], lines
+    assert " /job rw,nosuid,nodev" in lines[15], lines[15]
+    # on the host: the files are there, and not one carries a setuid/setgid bit or is a device
+    made = {p.name: p.lstat() for p in dirs[0].iterdir()}
+    assert {"t", "passwd", "p", "f"} <= set(made), made
+    assert made["t"].st_uid == os.getuid() and made["t"].st_mode & 0o777 == 0o755
+    for name, st in made.items():
+        assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID), name
+        assert not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)), name
+
+
+def test_the_seccomp_filter_is_built_for_both_abis() -> None:
+    from xwhep.worker.executors.seccomp import setuid_filter, supported
+
+    assert supported()
+    for machine in ("x86_64", "aarch64"):
+        prog = setuid_filter(machine)
+        assert len(prog) % 8 == 0 and 8 < len(prog) // 8 < 256
+
+
+OVERLAY_OPS = r"""
+echo changed > in.txt; rm gone.txt; mv sub moved; mkdir -p new/deep; echo x > new/deep/x.txt
+ln moved/a.txt hard.txt; ln -s moved/a.txt soft.txt; rmdir empty; echo "$(cat moved/a.txt)" > copy.txt
+"""
+
+
+def test_job_dir_through_the_overlay_is_the_job_dir(ex: NativeExecutor, dirs: tuple[Path, Path]) -> None:
+    job = dirs[0]
+    (job / "in.txt").write_text("original\n")
+    (job / "gone.txt").write_text("delete me\n")
+    (job / "sub").mkdir()
+    (job / "sub" / "a.txt").write_text("a\n")
+    (job / "empty").mkdir()
+    o = run(ex, dirs, ["/bin/sh", "-c", OVERLAY_OPS])
+    assert (o.status, o.return_code) == ("COMPLETED", 0), o.reason
+    # every change lands in the job dir itself, as plain files: no whiteouts, nothing of the overlay's own
+    files = sorted(str(p.relative_to(job)) for p in job.rglob("*"))
+    assert files == ["copy.txt", "hard.txt", "in.txt", "moved", "moved/a.txt", "new", "new/deep", "new/deep/x.txt",
+                     "soft.txt"], files
+    assert (job / "in.txt").read_text() == "changed\n" and (job / "copy.txt").read_text() == "a\n"
+    assert os.readlink(job / "soft.txt") == "moved/a.txt"
+    assert (job / "hard.txt").stat().st_ino == (job / "moved" / "a.txt").stat().st_ino
+    assert not any(stat.S_ISCHR(p.lstat().st_mode) for p in job.rglob("*"))
+
+
+def test_big_stdin_and_stdout_go_through_the_pipes(ex: NativeExecutor, dirs: tuple[Path, Path],
+                                                   tmp_path: Path) -> None:
+    stdin = tmp_path / "big.bin"
+    stdin.write_bytes(os.urandom(3 << 20))  # more than any pipe buffer
+    o = run(ex, dirs, ["/bin/sh", "-c", "cat; head -c 5000000 /dev/zero >&2"], stdin=stdin)
+    assert (o.status, o.return_code) == ("COMPLETED", 0), o.reason
+    assert o.stdout.read_bytes() == stdin.read_bytes()
+    assert o.stderr.read_bytes() == bytes(5_000_000)
+    o = run(ex, dirs, ["true"], stdin=stdin)  # a job that never reads its stdin still ends
+    assert (o.status, o.return_code) == ("COMPLETED", 0), o.reason

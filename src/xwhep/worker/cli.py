@@ -88,6 +88,13 @@ def status_cmd(
         print(f"  idle: {st['idle_reason']}")
     if st["results_pending"]:
         print(f"  {st['results_pending']} result(s) waiting for the server")
+    for d in st.get("deliveries") or []:
+        if d.get("last_error"):
+            when = "now" if d["in_flight"] else f"in {max(0.0, (d['next_retry'] or 0) - time.time()):.0f} s"
+            print(f"  {d['step']} of work {d['work']} (task {d['task']}) failing: {d['last_error']} "
+                  f"— {d['attempts']} attempt(s), next {when}")
+    for a in st.get("abandoned") or []:
+        print(f"  result of work {a['work']} (task {a['task']}) given up: {a['reason']}")
 
 
 @app.command("pause")

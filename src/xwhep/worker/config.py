@@ -17,6 +17,10 @@
     cache_mb = 4096
     datas = ["atlas-conditions"]
     status_port = 8790            # the volunteer's status page on 127.0.0.1 (default: none; 0: any free port)
+    zip_max_mb = 4096             # a dirin may expand to this much (checked while extracting)
+    zip_max_files = 100000        # ... and hold this many entries
+    retry_max_s = 30              # longest back-off between tries of a failed report or upload
+    stop_timeout_s = 5            # on SIGTERM, how long to try to send the stopped jobs' reports
 
     [worker.packages]
     ROOT = "6.30"
@@ -56,6 +60,8 @@ class WorkerConfig:
     long_poll_s: float = 20.0
     zip_max_mb: int = 4096
     zip_max_files: int = 100_000
+    retry_max_s: float = 30.0
+    stop_timeout_s: float = 5.0
     status_port: int | None = None  # the local status page (worker/statuspage.py); None: off
 
     @property
@@ -105,5 +111,15 @@ def load_worker_config(path: str | os.PathLike[str] | None, workdir: Path | None
         job_max_procs=_get(w, "job_max_procs", int, 512), cache_mb=int(_get(w, "cache_mb", int, 4096)),
         activation=act, activation_check_s=float(_get(w, "activation_check_s", (int, float), 10.0)),
         long_poll_s=float(_get(w, "long_poll_s", (int, float), 20.0)), status_port=port,
+        zip_max_mb=_positive(w, "zip_max_mb", int, 4096), zip_max_files=_positive(w, "zip_max_files", int, 100_000),
+        retry_max_s=float(_positive(w, "retry_max_s", (int, float), 30.0)),
+        stop_timeout_s=float(_positive(w, "stop_timeout_s", (int, float), 5.0)),
     )
     return cfg
+
+
+def _positive(section: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = _get(section, key, kind, default)
+    if value <= 0:
+        raise ConfigError(f"worker config: {key} must be positive")
+    return value

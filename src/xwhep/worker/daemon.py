@@ -1,39 +1,82 @@
-"""The worker daemon: register, pull (long-poll), run jobs in a pool, send alive signals, deliver results.
+"""The worker daemon: the I/O layer around :class:`~xwhep.worker.state.WorkerState`.
 
-Threads: the pull loop (main), one alive loop, one delivery loop, one thread per running job. Every wait is on
-an event or a server long-poll; nothing busy-polls. While the server is unreachable, retries back off
-exponentially with jitter.
+The state decides; this module only runs its actions (server calls, jobs, spool removals) and feeds their
+outcomes back as events. One thread, the core loop (:meth:`Worker.run`), owns the state and every decision: it
+takes events from one queue, hands them to the state and starts the actions it returns. The calls run on a small
+pool of daemon threads, each job on a thread of its own, the activation policy on another; none of them touches
+the state or the spool on its own account, and each turns every exception into a failure event (logged, backed
+off, retried by the state). Only a clean stop ends the loop.
+
+Speed: a finished job's report rides on the ``sync`` call that asks for the next works (one round trip); a
+long-poll is only made when nothing is to be reported, and a report that comes while one is in flight goes at once
+on a call of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import queue
 import random
 import shutil
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from xwhep.client.sdk import Client, XwError
 from xwhep.fsutil import write_atomic
 from xwhep.worker import job as jobmod
-from xwhep.worker.activation import Policy, parse_policy
+from xwhep.worker.activation import Always, Policy, parse_policy
 from xwhep.worker.config import WorkerConfig
 from xwhep.worker.executors.base import Executor
 from xwhep.worker.executors.native import NativeExecutor
 from xwhep.worker.probe import probe_host
-from xwhep.worker.spool import Entry, Spool
+from xwhep.worker.spool import Spool
 from xwhep.worker.staging import BlobCache
+from xwhep.worker.state import (
+    Action,
+    ActivationChanged,
+    AliveFailed,
+    AliveReplied,
+    Dropped,
+    DropSpool,
+    Event,
+    Failure,
+    JobFinished,
+    Log,
+    Phase,
+    Recovered,
+    Register,
+    Registered,
+    RegisterFailed,
+    SendAlive,
+    Spooled,
+    StartJob,
+    StopJob,
+    StopRequested,
+    Sync,
+    SyncFailed,
+    SyncReplied,
+    Tick,
+    Upload,
+    UploadDone,
+    UploadFailed,
+    WorkerState,
+)
 from xwhep.worker.tunnel import TunnelManager
 
 log = logging.getLogger("xwhep.worker")
 
+IO_THREADS = 12  # server calls in flight at once: a long-poll, an alive, reports, uploads, spool removals
+
 
 class Backoff:
-    """Exponential back-off with full jitter, reset on success."""
+    """Exponential back-off with full jitter, reset on success (registration)."""
 
     def __init__(self, base: float = 0.5, cap: float = 30.0) -> None:
         self.base, self.cap, self.n = base, cap, 0
@@ -44,6 +87,45 @@ class Backoff:
 
     def reset(self) -> None:
         self.n = 0
+
+
+@dataclass(frozen=True)
+class JobPhase(Event):
+    """A job moved on (stage-in → running → stage-out): only the status file changes."""
+
+    task: str
+
+
+def classify(exc: BaseException, not_found: Failure = Failure.HOST) -> tuple[str, Failure]:
+    """What a failed call means for what comes next; ``not_found``: what a 404 means for this call."""
+    if isinstance(exc, XwError):
+        s = exc.status
+        if s is None or s >= 500 or s in (401, 403, 408, 425, 429):
+            return exc.message, Failure.SERVER
+        if s == 404:
+            return exc.message, not_found
+        return exc.message, Failure.REFUSED
+    return f"{type(exc).__name__}: {exc}", Failure.SERVER
+
+
+class _Pool:
+    """Daemon threads running callables: a call hung on a dead server must never keep the process alive."""
+
+    def __init__(self, n: int, name: str) -> None:
+        self.q: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        for i in range(n):
+            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True).start()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self.q.put(fn)
+
+    def _run(self) -> None:
+        while True:
+            fn = self.q.get()
+            try:
+                fn()
+            except BaseException:  # each action reports its own failures; this is the last resort
+                log.exception("worker I/O action failed")
 
 
 class Worker:
@@ -61,19 +143,18 @@ class Worker:
         self.spool = Spool(cfg.workdir / "spool")
         self.executor = executor or NativeExecutor()
         self.policy: Policy = parse_policy(cfg.activation)
-        self.jobs: dict[str, jobmod.Job] = {}
-        self.lock = threading.Lock()
-        self.slot_free = threading.Condition(self.lock)
+        self.state = WorkerState(cfg.pool, long_poll=cfg.long_poll_s, retry_max=cfg.retry_max_s,
+                                 rng=random.Random())
+        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()  # put() is safe from signal handlers
+        self.jobs: dict[str, jobmod.Job] = {}  # the core loop's: jobs started and not yet finished
+        self.io: _Pool | None = None
         self.stopping = threading.Event()
-        self.deliver_now = threading.Event()
-        # results handed to the pull loop: when a job ends while the pool is full, its report rides on the
-        # sync call that asks for the next work (one round trip instead of two)
-        self.outbox: list[Entry] = []
-        self.waiting_slot = False
-        self.active = True
-        self.idle_reason = "starting"
+        self.stop_deadline: float | None = None
+        self.force = threading.Event()
         self.host: str | None = None
         self.alive_period = 30.0
+        self.idle_reason = "starting"
+        self._status_text = ""
         self.tunnels = TunnelManager(self.client, cfg.client.ca, incoming=cfg.incoming)  # jobs' listen/forward ports
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
@@ -114,36 +195,42 @@ class Worker:
         log.info("registered as host %s", self.host)
 
     def run(self) -> None:
-        """Run until :meth:`shutdown` (or a signal)."""
+        """Run until :meth:`shutdown` (or a signal): register, then the core loop."""
         self.register()
         if self.host is None:
             return
-        threads = [threading.Thread(target=self._alive_loop, name="xw-alive", daemon=True),
-                   threading.Thread(target=self._deliver_loop, name="xw-deliver", daemon=True)]
-        for t in threads:
-            t.start()
+        self.io = _Pool(IO_THREADS, "xw-io")
+        if not isinstance(self.policy, Always):
+            ok, reason = self._policy_check()  # before the first request: an inactive worker takes no work
+            self._post(ActivationChanged(ok, reason, now=time.monotonic()))
+            threading.Thread(target=self._activation_loop, args=((ok, reason),), name="xw-activation",
+                             daemon=True).start()
+        self._post(Registered(self.host, self.alive_period, now=time.monotonic()))
+        spooled = tuple(Spooled(e.task, e.work, e.report, str(e.result) if e.result else None)
+                        for e in self.spool.entries())
+        if spooled:
+            log.info("%d result(s) from a former run to deliver", len(spooled))
+            self._post(Recovered(spooled, now=time.monotonic()))
         try:
-            self._pull_loop()
+            self._loop()
         finally:
             self.stopping.set()
-            self.deliver_now.set()
-            for j in list(self.jobs.values()):
+            for j in list(self.jobs.values()):  # past the stop deadline: whatever still runs is killed
                 j.stop("worker shutting down")
-            for t in threads:
-                t.join(timeout=10)
             self.tunnels.stop()
-            self._write_status()
+            self._write_status(final=True)
+            self._close_http()
 
     def shutdown(self) -> None:
-        """Stop promptly: wake the pool wait and break the long-poll in flight."""
+        """Stop cleanly: jobs are stopped and their reports sent (for ``stop_timeout_s`` at most, else they stay
+        spooled for the next start). A second call stops at once. Safe from a signal handler."""
+        if self.stopping.is_set():
+            self.force.set()
+            self.events.put(Tick(now=time.monotonic()))
+            return
         self.stopping.set()
-        self.deliver_now.set()
-        if self.lock.acquire(timeout=1):
-            try:
-                self.slot_free.notify_all()
-            finally:
-                self.lock.release()
-        threading.Thread(target=self._close_http, daemon=True).start()
+        self.stop_deadline = time.monotonic() + self.cfg.stop_timeout_s
+        self.events.put(StopRequested(now=time.monotonic()))
 
     def _close_http(self) -> None:
         try:
@@ -151,179 +238,232 @@ class Worker:
         except Exception:  # closing under a request in flight: that request fails, which is the point
             pass
 
-    # -- pulling ---------------------------------------------------------------------------------------------------
-    def _check_activation(self) -> bool:
-        ok, reason = self.policy.is_active()
-        if not ok and self.active:
-            log.info("deactivated: %s", reason)
-            if self.host is not None:  # tell the server first, so that a long-poll in flight hands out nothing
-                try:
-                    self.client.alive(self.host, list(self.jobs), [], active=False)
-                except XwError as exc:
-                    log.warning("could not announce the deactivation: %s", exc.message)
-            for j in list(self.jobs.values()):
-                j.stop(f"worker deactivated: {reason}")
-        self.active = ok
-        if not ok:
-            self._set_idle(f"inactive: {reason}")
-        return ok
+    # -- the core loop ---------------------------------------------------------------------------------------------
+    def _post(self, ev: Event) -> None:
+        self.events.put(ev)
 
-    def _pull_loop(self) -> None:
-        backoff = Backoff()
-        assert self.host is not None
-        while not self.stopping.is_set():
-            if not self._check_activation():
-                self.stopping.wait(self.cfg.activation_check_s)
-                continue
-            with self.lock:
-                if len(self.jobs) >= self.cfg.pool:
-                    self._set_idle("pool full", locked=True)
-                    self.waiting_slot = True
-                    self.slot_free.wait()
-                    self.waiting_slot = False
-                    if not self.outbox:
-                        continue  # a slot freed up, maybe by a deactivation: check the policy again first
-                free = self.cfg.pool - len(self.jobs)
-                outbox, self.outbox = self.outbox, []
-            if self.stopping.is_set():
-                self.deliver_now.set()  # the deliver loop sends what the outbox held
-                return
-            try:
-                if not outbox:
-                    self._set_idle("waiting for matching work")
-                # a report is never held back by a long-poll: with reports aboard, ask without waiting
-                reply = self.client.sync(self.host, reports=[e.report for e in outbox], max=free,
-                                         wait=0.0 if outbox else self.cfg.long_poll_s)
-                backoff.reset()
-            except Exception as exc:
-                if outbox:
-                    self.deliver_now.set()  # still spooled: the deliver loop retries them
-                if self.stopping.is_set():
+    def _loop(self) -> None:
+        while not self.force.is_set():
+            now = time.monotonic()
+            if self.stop_deadline is not None:
+                if self.state.settled():
+                    log.info("stopped cleanly")
                     return
-                if not isinstance(exc, XwError):
-                    raise
-                if exc.status == 404:  # the server forgot this host (new database): register again
-                    (self.cfg.workdir / "host.json").unlink(missing_ok=True)
-                    self.register()
-                    continue
-                self._set_idle(f"server unreachable: {exc.message}")
-                self.stopping.wait(backoff.next())
-                continue
-            settled = [self._settle(entry, out) for entry, out in zip(outbox, reply["reports"], strict=True)]
-            if not all(settled):
-                self.deliver_now.set()  # uploads go through the deliver loop: a big file must not stall pulling
-            for a in reply["works"]:
-                self._start(a)
+                if now >= self.stop_deadline:
+                    left = len(self.state.deliveries())
+                    log.warning("stop: gave up waiting for the server; %d result(s) stay spooled", left)
+                    return
+            wake = self.state.next_wakeup()
+            timeout = None if wake is None else max(0.0, wake - now)
+            if self.stop_deadline is not None:
+                timeout = max(0.0, min(timeout if timeout is not None else 1e9, self.stop_deadline - now))
+            try:
+                batch = [self.events.get(timeout=timeout)]
+            except queue.Empty:
+                batch = [Tick(now=time.monotonic())]
+            while len(batch) < 256:  # whatever else is queued goes in the same round (one status write)
+                try:
+                    batch.append(self.events.get_nowait())
+                except queue.Empty:
+                    break
+            for ev in batch:
+                try:
+                    self._feed(ev)
+                except Exception:  # a bug must not end the worker: log it, the next event goes on
+                    log.exception("worker: handling %s failed", type(ev).__name__)
+            self._write_status()
 
-    def _start(self, assignment: dict[str, Any]) -> None:
-        j = jobmod.Job(assignment)
-        with self.lock:
+    def _feed(self, ev: Event) -> None:
+        if isinstance(ev, JobFinished):
+            self.jobs.pop(ev.task, None)
+        for action in self.state.handle(ev):
+            try:
+                self._start(action)
+            except Exception as exc:
+                log.exception("worker: starting %s failed", type(action).__name__)
+                self._failed(action, exc)
+
+    def _start(self, a: Action) -> None:
+        """Start one action; its outcome comes back as an event."""
+        assert self.io is not None
+        if isinstance(a, Log):
+            log.log(a.level, "%s", a.text)
+        elif isinstance(a, StartJob):
+            j = jobmod.Job(a.assignment, on_phase=self._phase_changed)
             self.jobs[j.task] = j
-        if not self.active:
-            j.stop("worker deactivated")
-        threading.Thread(target=self._run_job, args=(j,), name=f"xw-job-{j.task[:8]}", daemon=True).start()
-        self._write_status()
+            threading.Thread(target=self._run_job, args=(j,), name=f"xw-job-{j.task[:8]}", daemon=True).start()
+        elif isinstance(a, StopJob):
+            running = self.jobs.get(a.task)
+            if running is not None:
+                running.stop(a.reason, discard=a.discard)
+        elif isinstance(a, Sync):
+            self.io.submit(lambda: self._sync(a))
+        elif isinstance(a, SendAlive):
+            self.io.submit(lambda: self._alive(a))
+        elif isinstance(a, Upload):
+            self.io.submit(lambda: self._upload(a))
+        elif isinstance(a, DropSpool):
+            self.io.submit(lambda: self._drop(a))
+        elif isinstance(a, Register):
+            self.io.submit(lambda: self._register_again(a))
 
+    def _failed(self, a: Action, exc: BaseException) -> None:
+        """An action could not even start: its outcome is a failure, so the state retries it."""
+        reason = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if isinstance(a, StartJob):
+            self._post(JobFinished(a.task, {"task": a.task, "status": "ABORTED", "reason": f"worker failure: "
+                                            f"{reason}"}, now=now))
+        elif isinstance(a, Sync):
+            self._post(SyncFailed(a.sync, a.host, reason, now=now))
+        elif isinstance(a, SendAlive):
+            self._post(AliveFailed(a.alive, a.host, reason, now=now))
+        elif isinstance(a, Upload):
+            self._post(UploadFailed(a.task, reason, now=now))
+        elif isinstance(a, DropSpool):
+            self._post(Dropped(a.task, now=now))
+        elif isinstance(a, Register):
+            self._post(RegisterFailed(reason, now=now))
+
+    # -- actions (on the I/O threads) ------------------------------------------------------------------------------
+    def _sync(self, a: Sync) -> None:
+        try:
+            reply = self.client.sync(a.host, reports=list(a.reports), max=a.max, wait=a.wait, active=a.active)
+            outcomes = {t: o for t, o in zip(a.tasks, reply.get("reports") or [], strict=False)}
+            works = tuple(reply.get("works") or ())
+        except Exception as exc:
+            reason, kind = classify(exc)
+            self._post(SyncFailed(a.sync, a.host, reason, kind, now=time.monotonic()))
+            return
+        self._post(SyncReplied(a.sync, outcomes, works, now=time.monotonic()))
+
+    def _alive(self, a: SendAlive) -> None:
+        try:
+            reply = self.client.alive(a.host, list(a.tasks), list(a.results), active=a.active)
+            ev = AliveReplied(a.alive, dict(reply.get("tasks") or {}), tuple(reply.get("ack") or ()),
+                              dict(reply.get("resend") or {}), tuple(reply.get("report") or ()),
+                              float(reply.get("alive_period") or 0) or None, now=time.monotonic())
+        except Exception as exc:
+            reason, kind = classify(exc)
+            self._post(AliveFailed(a.alive, a.host, reason, kind, now=time.monotonic()))
+            return
+        self._post(ev)
+
+    def _upload(self, a: Upload) -> None:
+        try:
+            self.client.upload(a.data, Path(a.path))
+        except XwError as exc:
+            if exc.status == 409:  # the server already has these bytes
+                self._post(UploadDone(a.task, now=time.monotonic()))
+                return
+            reason, kind = classify(exc, not_found=Failure.GONE)
+            self._post(UploadFailed(a.task, reason, kind, now=time.monotonic()))
+            return
+        except OSError as exc:  # the result file cannot be read (removed, disk error): no retry can help
+            self._post(UploadFailed(a.task, f"result file unreadable: {exc}", Failure.LOCAL, now=time.monotonic()))
+            return
+        except Exception as exc:
+            reason, kind = classify(exc)
+            self._post(UploadFailed(a.task, reason, kind, now=time.monotonic()))
+            return
+        self._post(UploadDone(a.task, now=time.monotonic()))
+
+    def _drop(self, a: DropSpool) -> None:
+        try:
+            self.spool.drop(a.task)
+        finally:
+            self._post(Dropped(a.task, now=time.monotonic()))
+
+    def _register_again(self, a: Register) -> None:
+        try:
+            if a.forget:  # the server forgot this host (new database): register as a new one
+                (self.cfg.workdir / "host.json").unlink(missing_ok=True)
+                self.host = None
+            self.register()
+        except (Exception, SystemExit) as exc:
+            self._post(RegisterFailed(f"{type(exc).__name__}: {exc}", now=time.monotonic()))
+            return
+        if self.host is None:
+            self._post(RegisterFailed("stopping", now=time.monotonic()))
+        else:
+            self._post(Registered(self.host, self.alive_period, now=time.monotonic()))
+
+    # -- jobs and activation ---------------------------------------------------------------------------------------
     def _fetch(self, info: dict[str, Any], tmp: Path) -> None:
         with open(tmp, "wb") as f:
             self.client.download_to(info, f)
 
     def _run_job(self, j: jobmod.Job) -> None:
         root = self.jobs_dir / j.task
-        entry = None
+        report: dict[str, Any] | None = None
+        result = None
         try:
             entry = jobmod.run(j, root, self.cache, self._fetch, self.executor, self.cfg, self.spool, self.tunnels)
+            if entry is not None:
+                report, result = entry.report, entry.result
+        except BaseException as exc:  # e.g. the spool commit failed: the server must still hear of the task
+            log.exception("task %s: the job failed in the worker", j.task)
+            if not j.discard:
+                report = {"task": j.task, "status": "ABORTED", "reason": f"worker failure: {exc}"}
         finally:
             shutil.rmtree(root, ignore_errors=True)
-            with self.lock:
-                self.jobs.pop(j.task, None)
-                aboard = entry is not None and self.waiting_slot and self.active and not self.stopping.is_set()
-                if aboard:
-                    assert entry is not None
-                    self.outbox.append(entry)
-                self.slot_free.notify_all()
-            self._write_status()
-        if entry is not None and not aboard:
-            self._deliver(entry)
-            self._write_status()
+            self._post(JobFinished(j.task, report, str(result) if result else None, now=time.monotonic()))
 
-    # -- results -------------------------------------------------------------------------------------------------
-    def _deliver(self, entry: Entry) -> bool:
-        """Report, and upload the result if the server asks; keep the entry until the server has it."""
-        assert self.host is not None
+    def _phase_changed(self, task: str) -> None:
+        self._post(JobPhase(task, now=time.monotonic()))
+
+    def _policy_check(self) -> tuple[bool, str]:
         try:
-            if entry.data is None or "result" not in entry.report:
-                [out] = self.client.report(self.host, [entry.report])
-                if self._settle(entry, out):
-                    return True
-            if entry.data is not None and entry.result is not None:
-                try:
-                    self.client.upload(entry.data, entry.result)
-                except XwError as exc:
-                    if exc.status != 409:  # 409: the server already has these bytes
-                        raise
-                self.spool.drop(entry.task)
-            return True
-        except XwError as exc:
-            log.warning("result of task %s not delivered yet: %s", entry.task, exc.message)
-            return False
+            return self.policy.is_active()
+        except Exception as exc:  # a broken probe must not run jobs against the volunteer's wishes
+            log.exception("activation check failed")
+            return False, f"activation check failed: {exc}"
 
-    def _settle(self, entry: Entry, out: dict[str, Any]) -> bool:
-        """Act on the server's answer to a report; True when nothing is left to send."""
-        if out["outcome"] == "upload":
-            self.spool.set_data(entry, out["result"])
-            return False
-        if out["outcome"] in ("done", "stale"):
-            self.spool.drop(entry.task)
-            return True
-        return False
-
-    def _deliver_loop(self) -> None:
-        backoff = Backoff()
-        while not self.stopping.is_set():
-            pending = self.spool.entries()
-            if pending and all(self._deliver(e) for e in pending):
-                backoff.reset()
-            delay = backoff.next() if self.spool.entries() else None
-            self.deliver_now.wait(delay)
-            self.deliver_now.clear()
-
-    # -- alive ----------------------------------------------------------------------------------------------------
-    def _alive_loop(self) -> None:
-        assert self.host is not None
-        while not self.stopping.wait(self.alive_period):
-            self._write_status()  # job phases (stage-in → running → stage-out) change without other notice
-            if self.active:
-                self._check_activation()
-            with self.lock:
-                running = list(self.jobs)
-            held = [e.task for e in self.spool.entries() if e.data is not None]  # reported: only those can be acked
-            try:
-                reply = self.client.alive(self.host, running, held, active=self.active)
-            except XwError as exc:
-                self._set_idle(f"server unreachable: {exc.message}")
-                continue
-            self.alive_period = float(reply.get("alive_period") or self.alive_period)
-            for task, order in reply.get("tasks", {}).items():
-                if order == "stop" and task in self.jobs:
-                    self.jobs[task].stop("the server asked to stop", discard=True)
-            for task in reply.get("ack", []):
-                self.spool.drop(task)
-            if reply.get("resend") or self.spool.entries():  # unreported results too (e.g. the server was down)
-                self.deliver_now.set()
+    def _activation_loop(self, last: tuple[bool, str]) -> None:
+        while not self.stopping.wait(self.cfg.activation_check_s):
+            now = self._policy_check()
+            if now != last:
+                last = now
+                self._post(ActivationChanged(now[0], now[1], now=time.monotonic()))
 
     # -- status ----------------------------------------------------------------------------------------------------
-    def _set_idle(self, reason: str, locked: bool = False) -> None:
+    def _set_idle(self, reason: str) -> None:
+        """Registration's own note; written here only before the core loop runs (then the loop writes)."""
         if reason != self.idle_reason:
             self.idle_reason = reason
-            self._write_status()
+            if self.io is None:
+                self._write_status()
 
-    def _write_status(self) -> None:
+    def _write_status(self, final: bool = False) -> None:
+        st = self.state
+        mono, wall = time.monotonic(), time.time()
         jobs = [{"task": j.task, "work": j.assignment["work"], "app": j.assignment["app"]["name"],
                  "phase": j.phase, "started": j.started} for j in list(self.jobs.values())]
-        status = {"host": self.host, "server": self.cfg.client.server, "pid": os.getpid(), "active": self.active,
-                  "pool": self.cfg.pool, "running": jobs, "idle_reason": None if jobs else self.idle_reason,
-                  "results_pending": len(list(self.spool.root.glob("*/report.json"))), "time": time.time()}
-        tmp = self.cfg.workdir / f"status.json.{threading.get_ident()}.tmp"  # threads write concurrently
-        tmp.write_text(json.dumps(status))
-        os.replace(tmp, self.cfg.workdir / "status.json")
+        deliveries = []
+        for e in st.deliveries():
+            failing = e.op is None and e.attempts > 0
+            deliveries.append({
+                "task": e.task, "work": e.work, "step": "upload" if e.phase == Phase.UPLOAD else "report",
+                "in_flight": e.op is not None, "attempts": e.attempts, "last_error": e.last_error,
+                "next_retry": round(wall + max(0.0, e.next_try - mono), 3) if failing else None})
+        if final:
+            idle = "stopped"
+        elif self.io is None:
+            idle = self.idle_reason
+        else:
+            idle = st.idle_reason()
+        status: dict[str, Any] = {
+            "host": self.host, "server": self.cfg.client.server, "pid": os.getpid(), "active": st.active,
+            "pool": self.cfg.pool, "running": jobs, "idle_reason": None if jobs else idle,
+            "results_pending": len(deliveries), "deliveries": deliveries,
+            "abandoned": [{"task": a.task, "work": a.work, "reason": a.reason, "at": round(wall - (mono - a.at), 3)}
+                          for a in st.abandoned]}
+        text = json.dumps(status)
+        if text == self._status_text:
+            return
+        self._status_text = text
+        status["time"] = wall
+        tmp = self.cfg.workdir / f"status.json.{threading.get_ident()}.tmp"  # registration writes from its thread
+        with contextlib.suppress(OSError):  # a full disk must not stop the worker; the next write tries again
+            tmp.write_text(json.dumps(status))
+            os.replace(tmp, self.cfg.workdir / "status.json")

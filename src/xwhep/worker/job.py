@@ -31,10 +31,16 @@ class Job:
     stop_reason: str | None = None
     discard: bool = False  # the server said stop: the attempt no longer counts, report nothing
     lock: threading.Lock = field(default_factory=threading.Lock)
+    on_phase: Callable[[str], None] | None = None  # told of each phase change (the daemon's status)
 
     @property
     def task(self) -> str:
         return str(self.assignment["task"])
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        if self.on_phase is not None:
+            self.on_phase(self.task)
 
     def stop(self, reason: str, discard: bool = False) -> None:
         """End the job at once (from any thread)."""
@@ -106,7 +112,8 @@ def stage_in(job: Job, root: Path, cache: BlobCache, fetch: Fetch, cfg: WorkerCo
 
 def run(job: Job, root: Path, cache: BlobCache, fetch: Fetch, executor: Executor, cfg: WorkerConfig,
         spool: Spool, tunnels: TunnelManager | None = None) -> Entry | None:
-    """Run one assignment to the end and spool its report; None when the server told us to drop it."""
+    """Run one assignment to the end and spool its report; None when the server told us to drop it (what it
+    left in the spool is then removed by the daemon, the entry's next owner)."""
     report: dict[str, Any] = {"task": job.task}
     result_path = None
     try:
@@ -119,10 +126,10 @@ def run(job: Job, root: Path, cache: BlobCache, fetch: Fetch, executor: Executor
         with job.lock:
             if job.stop_reason:
                 raise _Stopped(job.stop_reason)
-            job.phase = "running"
             job.running = executor.start(spec)
+        job.set_phase("running")
         outcome: JobOutcome = job.running.wait()
-        job.phase = "stage-out"
+        job.set_phase("stage-out")
         report.update(status=outcome.status, return_code=outcome.return_code, reason=outcome.reason or None)
         if outcome.status == "COMPLETED":
             packed = pack_results(spec.jobdir, snap, spec.stdout_path, spec.stderr_path,
@@ -141,11 +148,11 @@ def run(job: Job, root: Path, cache: BlobCache, fetch: Fetch, executor: Executor
     if tunnels is not None:
         tunnels.release(job.task)  # the job is gone: end its streams
     if job.discard:
-        spool.drop(job.task)
         return None
     if report.get("status") == "ABORTED" and job.stop_reason:
         report["charge"] = False  # stopped by the volunteer's policy or a shutdown: not the work's fault
-    return spool.commit(job.task, {k: v for k, v in report.items() if v is not None}, result_path)
+    return spool.commit(job.task, {k: v for k, v in report.items() if v is not None}, result_path,
+                        str(job.assignment.get("work") or "") or None)
 
 
 class _Stopped(Exception):

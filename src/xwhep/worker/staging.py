@@ -61,7 +61,9 @@ def safe_extract_zip(zip_path: Path, dest: Path, max_bytes: int, max_files: int)
 
     Refused with :class:`StagingError` naming the entry: absolute names, ``..`` components, symbolic links and
     other non-regular entries (from the Unix mode in ``external_attr``), more than ``max_files`` entries, and more
-    than ``max_bytes`` of *decompressed* data — counted while streaming, so lying headers do not help a zip bomb.
+    than ``max_bytes`` of *decompressed* data: refused before anything is written when the headers declare more,
+    and counted in real bytes while streaming, so headers that lie do not help a zip bomb either (CPython's
+    zipfile also stops an entry at its declared size and then checks its CRC).
     Only the executable bit of entry modes is kept (files become 0644/0755, never setuid). On refusal the files
     this call created are removed again; directories it created may remain (empty).
     """
@@ -78,6 +80,10 @@ def safe_extract_zip(zip_path: Path, dest: Path, max_bytes: int, max_files: int)
             infos = zf.infolist()
             if len(infos) > max_files:
                 raise StagingError(f"archive has {len(infos)} entries, more than the {max_files} allowed")
+            declared = sum(i.file_size for i in infos)
+            if declared > max_bytes:
+                raise StagingError(f"archive declares {declared} bytes once extracted, more than the {max_bytes} "
+                                   "allowed (zip_max_mb): refused")
             for info in infos:
                 name = info.filename
                 parts = _entry_parts(name)

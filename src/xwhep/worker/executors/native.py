@@ -14,7 +14,17 @@ What the job sees (built by :func:`build_bwrap_argv`):
   the internet nor the host's own loopback services are reachable; a pid namespace, so when the job's main
   process exits the kernel kills whatever it left behind;
 * uid 1000 inside a user namespace, no capabilities, no further user namespaces; the sandbox root is remounted
-  read-only.
+  read-only;
+* a seccomp filter (:mod:`~xwhep.worker.executors.seccomp`): no file can be given the setuid or setgid bit, no
+  device node made (with a worker running as root, the job's files belong to root on the host);
+* nothing of the host's paths: bubblewrap reads its arguments from a memfd (``--args``), so the sandbox's pid 1
+  (bubblewrap) shows no path in ``/proc/1/cmdline``; stdin, stdout and stderr are pipes (the worker feeds and
+  drains them), so ``/proc/self/fd`` names no host file; and the job dir is mounted through a per-job overlay
+  whose options are relative (``upperdir=job``), so ``/proc/self/mountinfo`` shows ``/`` of an overlay instead of
+  the host path of a bind. The overlay (empty lower layer: every write lands in the job dir itself, no
+  whiteouts) is mounted by ``unshare -Urm`` in a mount namespace of the job's own, gone when the job is; it needs
+  overlayfs in user namespaces (Linux 5.11+) — without it /job is a plain bind and mountinfo shows its path. The
+  tunnels' socket directory stays a plain bind: unix sockets cannot be reached through overlayfs.
 
 The process tree is also tracked by a per-job cgroup (:mod:`xwhep.worker.cgroups`), which enforces the memory,
 CPU and task limits and gives a second, independent way to kill everything; the process group is the last
@@ -22,26 +32,35 @@ fallback.
 
 A job is started in three steps so that it is inside its cgroup before it can fork: a ``/bin/sh`` gate is
 spawned and blocks reading its stdin, the worker moves it into the cgroups, then releases the gate, which
-``exec``s bubblewrap (same pid, so already a member).
+``exec``s bubblewrap (same pid, so already a member; with the overlay the gate runs under ``unshare`` and mounts
+it first). The rest of the gate pipe is the job's stdin.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
+import re
 import select
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 from xwhep.worker.cgroups import CgroupError, JobCgroup
+from xwhep.worker.executors import seccomp
 from xwhep.worker.executors.base import ExecutorError, JobOutcome, JobSpec, OutcomeStatus
 
-__all__ = ["JOB_GID", "JOB_UID", "NativeExecutor", "NativeJob", "build_bwrap_argv", "measure_overhead"]
+log = logging.getLogger("xwhep.worker")
+
+__all__ = ["JOB_GID", "JOB_UID", "NativeExecutor", "NativeJob", "build_bwrap_argv", "live_job_dir",
+           "measure_overhead"]
 
 JOB_UID = 1000
 JOB_GID = 1000
@@ -59,9 +78,17 @@ _PASSWD = (
 _GROUP = f"root:x:0:\nxwjob:x:{JOB_GID}:\nnogroup:x:65534:\n"
 _HOSTS = "127.0.0.1 localhost xwjob\n::1 localhost ip6-localhost ip6-loopback\n"
 
-# $1 is the stdin file; the rest is the bwrap command line. `read` consumes the single release line from the
-# gate pipe; if the worker dies before releasing, read sees EOF and the job never starts.
-_GATE_SCRIPT = 'read _ || exit 125; exec 0<"$1" || exit 126; shift; exec "$@"'
+# The arguments are the command line to run (bwrap, maybe behind unshare). `read` consumes the single release
+# line from the gate pipe (the shell reads a pipe byte by byte: nothing after the newline), whose rest is the job's
+# stdin; if the worker dies before releasing, read sees EOF and the job never starts.
+_GATE_SCRIPT = 'read _ || exit 125; unset PWD OLDPWD; exec "$@"'  # bwrap's environ (/proc/1) names no host dir
+# The gate when the job dir goes through an overlay: run by `unshare -Urm` (so already in the job's own mount
+# namespace; one shell for both steps, as every exec costs a millisecond or two) in the job dir's parent: $1 the
+# overlay options, $2 the mount point, the rest the bwrap command line.
+_MOUNT_SCRIPT = ('read _ || exit 125; mount -t overlay overlay -o "$1" "$2" || exit 124; shift 2; '
+                 'unset PWD OLDPWD; exec "$@"')
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a job dir name that can go into overlay options as is
+_DRAIN_S = 10.0  # after the job's processes are gone, the pipes reach EOF at once; this only bounds surprises
 
 
 def _fmt_s(x: float) -> str:
@@ -75,11 +102,13 @@ def build_bwrap_argv(
     status_fd: int | None = None,
     etc_fds: dict[str, int] | None = None,
     tmp_size_mb: int | None = 256,
+    seccomp_fd: int | None = None,
 ) -> list[str]:
     """The bubblewrap command line for ``spec`` (see the module docstring for what the job sees).
 
     ``etc_fds`` maps file names (``passwd``, ``group``, ``hosts``) to readable fds whose content becomes
-    ``/etc/<name>``; ``status_fd`` receives bwrap's JSON status (child pid, then the exit code if the command ran).
+    ``/etc/<name>``; ``status_fd`` receives bwrap's JSON status (child pid, then the exit code if the command ran);
+    ``seccomp_fd`` holds the filter to load.
     """
     a: list[str] = [bwrap]
     a += ["--unshare-all", "--unshare-user", "--uid", str(JOB_UID), "--gid", str(JOB_GID), "--disable-userns"]
@@ -109,6 +138,8 @@ def build_bwrap_argv(
         a += ["--setenv", k, v]
     if status_fd is not None:
         a += ["--json-status-fd", str(status_fd)]
+    if seccomp_fd is not None:
+        a += ["--seccomp", str(seccomp_fd)]
     a += ["--", *spec.argv]
     return a
 
@@ -151,6 +182,68 @@ def _data_fd(text: str) -> int:
     return r
 
 
+def _memfd(name: str, data: bytes) -> int:
+    """A sealed-size in-memory file holding ``data``, read from its start (arguments can exceed a pipe buffer)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a tree even where overlayfs left a directory with mode 000 (its work dir)."""
+    def retry(func: object, p: str, exc: object) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), 0o700)
+            os.chmod(p, 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.unlink(p)
+
+    shutil.rmtree(path, onerror=retry)
+
+
+class _Overlay:
+    """The per-job overlay: an empty lower layer and overlayfs's work dir next to the job dir; the overlay is
+    mounted over the job dir itself (the upper layer), so bwrap binds the same path as without one. Its mount
+    options name only paths relative to the job dir's parent."""
+
+    def __init__(self, jobdir: Path, volatile: bool = True) -> None:
+        self.cwd = jobdir.parent
+        self.mnt = jobdir
+        self.lower = self.cwd / f".{jobdir.name}.lower"
+        self.work = self.cwd / f".{jobdir.name}.work"
+        # volatile: no sync of the upper filesystem when the job's namespace goes (the job dir is scratch space)
+        self.options = (f"lowerdir={self.lower.name},upperdir={jobdir.name},workdir={self.work.name},userxattr,"
+                        f"{'volatile,' if volatile else ''}nosuid,nodev")
+
+    def create(self) -> None:
+        self.remove()
+        self.lower.mkdir(mode=0o700)
+        self.work.mkdir(mode=0o700)
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.lower.rmdir()
+        inner = self.work / "work"  # overlayfs's own, mode 000
+        with contextlib.suppress(OSError):
+            os.chmod(inner, 0o700)
+        for d in (inner / "incompat" / "volatile" / "dirty", inner / "incompat" / "volatile", inner / "incompat",
+                  inner, self.work):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                try:
+                    d.rmdir()
+                except OSError:  # not what overlayfs usually leaves: remove whatever it is
+                    _rmtree(d)
+
+
 class NativeExecutor:
     """Runs jobs in a bubblewrap sandbox with per-job cgroups.
 
@@ -160,10 +253,28 @@ class NativeExecutor:
 
     name = "native"
 
-    def __init__(self, bwrap: str = "bwrap", use_cgroups: bool = True, tmp_size_mb: int | None = 256) -> None:
+    def __init__(self, bwrap: str = "bwrap", use_cgroups: bool = True, tmp_size_mb: int | None = 256,
+                 hide_paths: bool = True) -> None:
         self.bwrap = bwrap
         self.use_cgroups = use_cgroups
         self.tmp_size_mb = tmp_size_mb
+        self.hide_paths = hide_paths
+        self._overlay_ok: dict[int, bool] = {}  # per filesystem (st_dev) of job dirs
+        self._probe_lock = threading.Lock()
+
+    def overlay_for(self, jobdir: Path) -> _Overlay | None:
+        """The overlay to mount the job dir through, or None where it cannot work (see the module docstring)."""
+        if not self.hide_paths or not _SAFE_NAME.match(jobdir.name):
+            return None
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            return None
+        dev = os.stat(jobdir.parent).st_dev
+        with self._probe_lock:
+            ok = self._overlay_ok.get(dev)
+            if ok is None:
+                ok = self._overlay_ok[dev] = _probe_overlay(unshare, jobdir.parent)
+        return _Overlay(jobdir) if ok else None
 
     def available(self) -> tuple[bool, str]:
         """Whether bubblewrap is installed (the executor cannot work without it)."""
@@ -179,6 +290,68 @@ class NativeExecutor:
         job = NativeJob(spec, self)
         job._launch()
         return job
+
+
+def _feed(path: Path, pipe: int) -> None:
+    """Copy the stdin file into the job's stdin pipe (in the kernel), then close it: EOF for the job."""
+    try:
+        with open(path, "rb") as f:
+            while True:
+                try:
+                    n = os.splice(f.fileno(), pipe, 1 << 20)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    chunk = f.read(1 << 16)  # no splice from this filesystem: through user space
+                    n = len(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(pipe, view):]
+                if n == 0:
+                    break
+    except OSError:  # EPIPE: the job ended without reading it all, which is its right
+        pass
+    finally:
+        os.close(pipe)
+
+
+def _move(src: int, dst: int | None) -> int:
+    """Move what a pipe holds now into a file (or drop it when ``dst`` is None); 0 at EOF."""
+    if dst is not None:
+        try:
+            return os.splice(src, dst, 1 << 20)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    data = os.read(src, 1 << 16)
+    if dst is not None and data:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(dst, view):]
+    return len(data)
+
+
+def _probe_overlay(unshare: str, parent: Path) -> bool:
+    """Whether an overlay as jobs use it mounts here (a user namespace, overlayfs on this filesystem)."""
+    with tempfile.TemporaryDirectory(prefix=".xwhep-probe-", dir=parent) as tmp:
+        job = Path(tmp) / "job"
+        job.mkdir()
+        ov = _Overlay(job)
+        ov.create()
+        try:
+            out = subprocess.run([unshare, "-Urm", "--", "/bin/sh", "-c", _MOUNT_SCRIPT, "xwhep-gate", ov.options,
+                                  ov.mnt.name, "/bin/true"], cwd=ov.cwd, capture_output=True,
+                                 input=b"go\n", timeout=30, env={"PATH": "/usr/bin:/bin"})
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("native executor: no overlay for job dirs (%s): jobs will see their dir's host path", e)
+            return False
+        finally:
+            ov.remove()
+    if out.returncode != 0:
+        why = out.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"rc {out.returncode}"]
+        log.warning("native executor: no overlay for job dirs (%s): jobs will see their dir's host path", why[0])
+        return False
+    return True
 
 
 class NativeJob:
@@ -205,6 +378,8 @@ class NativeJob:
         self._start_error: BaseException | None = None
         self._done = threading.Event()
         self._outcome: JobOutcome | None = None
+        self._overlay = executor.overlay_for(spec.jobdir)
+        self._pipes: dict[int, int] = {}  # the job's stdout/stderr pipes (read ends) → their log files
         self._thread = threading.Thread(target=self._run, name=f"xwjob-{spec.jobdir.name}", daemon=True)
 
     # ------------------------------------------------------------------------------------------- public API
@@ -292,43 +467,74 @@ class NativeJob:
         etc_fds = {"passwd": _data_fd(_PASSWD), "group": _data_fd(_GROUP), "hosts": _data_fd(_HOSTS)}
         status_r, status_w = os.pipe()
         gate_r, gate_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         self._status_r = status_r
+        filter_fd = _memfd("xwhep-seccomp", seccomp.setuid_filter()) if seccomp.supported() else None
+        if self._overlay is not None:
+            self._overlay.create()
         argv = build_bwrap_argv(spec, bwrap=self._ex.bwrap, status_fd=status_w, etc_fds=etc_fds,
-                                tmp_size_mb=self._ex.tmp_size_mb)
-        stdin = str(spec.stdin.resolve()) if spec.stdin is not None else "/dev/null"
+                                tmp_size_mb=self._ex.tmp_size_mb, seccomp_fd=filter_fd)
+        # bwrap reads its options from a memfd and closes it: none of the host paths they hold is visible in the
+        # sandbox (its pid 1 is bwrap, whose /proc/1/cmdline would otherwise show them all). The command itself
+        # (the job's own argv) stays on the command line, where bwrap wants it.
+        sep = argv.index("--")
+        args_fd = _memfd("xwhep-bwrap-args", b"".join(a.encode() + b"\0" for a in argv[1:sep]))
+        cmd = [argv[0], "--args", str(args_fd), *argv[sep:]]
+        gate = ["/bin/sh", "-c", _GATE_SCRIPT, "xwhep-gate", *cmd]
+        cwd = None
+        if self._overlay is not None:
+            unshare = shutil.which("unshare") or "unshare"
+            gate = [unshare, "-Urm", "--", "/bin/sh", "-c", _MOUNT_SCRIPT, "xwhep-gate", self._overlay.options,
+                    self._overlay.mnt.name, *cmd]
+            cwd = self._overlay.cwd
+        passed = [status_w, args_fd, *etc_fds.values()] + ([filter_fd] if filter_fd is not None else [])
         try:
-            with open(spec.stdout_path, "wb") as out, open(spec.stderr_path, "wb") as err:
-                self._proc = subprocess.Popen(
-                    ["/bin/sh", "-c", _GATE_SCRIPT, "xwhep-gate", stdin, *argv],
-                    stdin=gate_r, stdout=out, stderr=err, pass_fds=(status_w, *etc_fds.values()),
-                    start_new_session=True, env={"PATH": "/usr/bin:/bin"},
-                )
+            self._logs = [open(spec.stdout_path, "wb"), open(spec.stderr_path, "wb")]  # noqa: SIM115
+            self._pipes = {out_r: self._logs[0].fileno(), err_r: self._logs[1].fileno()}
+            self._proc = subprocess.Popen(
+                gate,
+                stdin=gate_r, stdout=out_w, stderr=err_w, pass_fds=passed, cwd=cwd,
+                start_new_session=True, env={"PATH": "/usr/bin:/bin"},
+            )
         except BaseException:
-            os.close(status_r)
-            os.close(gate_w)
+            for fd in (status_r, gate_w, out_r, err_r):
+                os.close(fd)
+            self._pipes = {}
             raise
         finally:
-            for fd in (gate_r, status_w, *etc_fds.values()):
+            for fd in (gate_r, out_w, err_w, *passed):
                 os.close(fd)
         self._t0 = time.monotonic()
         self._pidfd = os.pidfd_open(self._proc.pid)
-        with os.fdopen(gate_w, "wb") as gate:
-            if self._cgroup is not None:
-                try:
-                    self._cgroup.add_pid(self._proc.pid)
-                except CgroupError as e:
-                    # Still sandboxed and killable through the pid namespace; only the limits are lost.
-                    for key in ("memory", "cpu", "procs"):
-                        if key in self.limits_applied:
-                            self.limits_applied[key] = False
-                            self.limits_notes[key] = str(e)
-            gate.write(b"go\n")
+        if self._cgroup is not None:
+            try:
+                self._cgroup.add_pid(self._proc.pid)
+            except CgroupError as e:
+                # Still sandboxed and killable through the pid namespace; only the limits are lost.
+                for key in ("memory", "cpu", "procs"):
+                    if key in self.limits_applied:
+                        self.limits_applied[key] = False
+                        self.limits_notes[key] = str(e)
+        try:
+            os.write(gate_w, b"go\n")
+        except OSError:  # the gate is gone already: the outcome says why
+            os.close(gate_w)
+            return
+        if spec.stdin is None:
+            os.close(gate_w)  # no stdin: EOF at once, never the worker's
+        else:
+            threading.Thread(target=_feed, args=(spec.stdin, gate_w), name=f"xwjob-stdin-{spec.jobdir.name}",
+                             daemon=True).start()
 
     def _run(self) -> None:
         try:
             self._spawn()
         except BaseException as e:
             self._start_error = e
+            self._close_logs()
+            if self._overlay is not None:
+                self._overlay.remove()
             self._started.set()
             return
         self._started.set()
@@ -340,9 +546,27 @@ class NativeJob:
         finally:
             self._reap()
             self._cleanup_cgroup()
+            self._close_logs()
+            if self._overlay is not None:
+                self._overlay.remove()
             with contextlib.suppress(OSError):
                 os.close(self._status_r)
             self._done.set()
+
+    def _drain(self, ready: list[int]) -> None:
+        """Move what the job wrote to its stdout/stderr pipes into the log files."""
+        for fd in ready:
+            dst = self._pipes.get(fd)
+            if fd not in self._pipes:
+                continue
+            try:
+                n = _move(fd, dst if dst is not None and dst >= 0 else None)
+            except OSError:  # e.g. the disk is full: keep reading, so the job never blocks on its output
+                self._pipes[fd] = -1
+                continue
+            if n == 0:
+                os.close(fd)
+                del self._pipes[fd]
 
     def _watch(self) -> JobOutcome:
         assert self._pidfd is not None
@@ -350,9 +574,12 @@ class NativeJob:
         deadline = None if spec.wallclock is None else self._t0 + spec.wallclock
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self._pidfd], [], [], remaining)
-            if ready:
+            ready, _, _ = select.select([self._pidfd, *self._pipes], [], [], remaining)
+            if self._pidfd in ready:
                 break
+            if ready:
+                self._drain(ready)
+                continue
             with self._lock:
                 if self._stop_reason is None:
                     self._timed_out = True
@@ -362,6 +589,11 @@ class NativeJob:
         # the leftovers are killed.
         self._kill_tree()
         rc = self._reap()
+        until = time.monotonic() + _DRAIN_S  # every writer is dead: the pipes end now
+        while self._pipes and time.monotonic() < until:
+            ready, _, _ = select.select(list(self._pipes), [], [], max(0.0, until - time.monotonic()))
+            self._drain(ready)
+        self._close_logs()
         wall = time.monotonic() - self._t0
         exit_code = self._read_exit_code()
         mem = self._cgroup.memory_stats() if self._cgroup is not None else None
@@ -387,6 +619,15 @@ class NativeJob:
                 reason += f"; a process was killed for exceeding the memory limit ({spec.memory_mb} MiB)"
             return self._make("COMPLETED", exit_code, reason, wall)
         return self._make("ERROR", None, self._sandbox_failure(rc), wall)
+
+    def _close_logs(self) -> None:
+        for fd in list(self._pipes):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._pipes = {}
+        for f in getattr(self, "_logs", []):
+            with contextlib.suppress(OSError):
+                f.close()
 
     def _make(self, status: OutcomeStatus, rc: int | None, reason: str, wall: float | None = None) -> JobOutcome:
         if wall is None:
@@ -452,6 +693,30 @@ class NativeJob:
     def _cleanup_cgroup(self) -> None:
         if self._cgroup is not None:
             self._cgroup.remove()
+
+
+def live_job_dir(jobdir: Path) -> Path:
+    """Where the host reaches a running job's ``/job`` as the job sees it.
+
+    Through the job's overlay, files written into the job dir from the host *during* the run are not seen by the
+    job (overlayfs does not revalidate its upper layer; nothing of the worker does that). An operator or a test
+    that must hand a running job a file writes it here instead: the overlay, in the job's own mount namespace,
+    reached through ``/proc/<pid>/root`` of its sandbox monitor (whose working directory is the job dir's
+    parent). Without an overlay (or once the job is over) it is the job dir itself.
+    """
+    parent = str(jobdir.parent.resolve())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") != parent:
+                continue
+            view = Path(f"/proc/{pid}/root") / jobdir.resolve().relative_to("/")
+            if os.path.ismount(view):
+                return view
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return jobdir
 
 
 def measure_overhead(n: int = 20, executor: NativeExecutor | None = None, workdir: Path | None = None) -> float:
