@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pgserver
 import pytest
@@ -74,6 +75,23 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
     yield make
     for srv in started:
         srv.stop()
+
+
+# --- A real browser ------------------------------------------------------------------------------------------------
+# Playwright's sync API runs its event loop in the main thread for as long as it is open: one session-wide browser
+# for every test that needs one (the dashboard's, the worker's status page), never a second sync_playwright().
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """One headless chromium for the whole session (each test gets its own context: no shared storage)."""
+    from playwright.sync_api import sync_playwright
+    from web.webgrid import launch
+
+    with sync_playwright() as pw:
+        b = launch(pw)
+        yield b
+        b.close()
 
 
 # --- Nested runs ---------------------------------------------------------------------------------------------------

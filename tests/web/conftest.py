@@ -9,18 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from web.webgrid import Grid, launch, make_grid, stop_grid
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    """One headless chromium for the whole session (each test gets its own context: no shared storage)."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = launch(pw)
-        yield b
-        b.close()
+from web.webgrid import Grid, make_grid, stop_grid
 
 
 @pytest.fixture(scope="module")

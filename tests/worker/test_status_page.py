@@ -17,7 +17,6 @@ import httpx
 import pytest
 from cluster import ServerProc
 from sdkworker import wait_status
-from web.webgrid import launch
 from workerproc import WorkerProc
 
 from xwhep.client import Client
@@ -47,7 +46,7 @@ def put_app(c: Client, tmp: Path, script: str) -> str:
     return name
 
 
-def test_status_page_shows_the_worker_and_pauses_it(server: ServerProc, tmp_path: Path) -> None:
+def test_status_page_shows_the_worker_and_pauses_it(server: ServerProc, tmp_path: Path, browser: Any) -> None:
     worker = WorkerProc(server, tmp_path / "w", sections={"worker": {"status_port": 0}}).start()
     c = server.client()
     try:
@@ -79,14 +78,11 @@ def test_status_page_shows_the_worker_and_pauses_it(server: ServerProc, tmp_path
             page = http.get("/")
             assert "script-src 'self'" in page.headers["content-security-policy"] and token not in page.text
 
-        from playwright.sync_api import sync_playwright
-
-        with sync_playwright() as pw:
-            browser = launch(pw)
-            try:
-                _drive(browser.new_page(), url, c, slow, host, worker)
-            finally:
-                browser.close()
+        page = browser.new_page()
+        try:
+            _drive(page, url, c, slow, host, worker)
+        finally:
+            page.close()
     finally:
         worker.stop()
         c.close()
