@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
@@ -31,20 +32,32 @@ from xwhep.server.state import ServerState
 log = logging.getLogger("xwhep.server")
 
 
-class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, except data uploads (they stream to disk)."""
+class RequestGuard:
+    """Refuse, before any route runs, what no route should see: request bodies over ``limit`` bytes (413; data
+    uploads are exempt, they stream to disk), and URLs whose percent-escapes are not UTF-8 (400 naming the
+    parameter: Starlette would decode them to U+FFFD and the request would silently ask for something else)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        bad = _bad_url_text(scope)
+        if bad is not None:
+            if scope["type"] == "http":
+                await _answer(send, 400, f"{bad}: not valid UTF-8 once percent-decoded", bad)
+            else:
+                await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http" or scope["path"].endswith("/content"):
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and int(value or 0) > self.limit:
-                await _too_large(self.limit, send)
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await _answer(send, 413, f"request body over {self.limit} bytes", None)
                 return
         seen = 0
 
@@ -53,16 +66,42 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise ApiError(413, f"request body over {self.limit} bytes")
+                if seen > self.limit:  # a chunked body has no content-length to refuse it by
+                    # an HTTPException, not an ApiError: FastAPI turns any other failure while it reads the body
+                    # into "400 There was an error parsing the body"
+                    raise HTTPException(413, f"request body over {self.limit} bytes")
             return message
 
         await self.app(scope, counting, send)
 
 
-async def _too_large(limit: int, send: Send) -> None:
-    body = FastJSON({"error": f"request body over {limit} bytes", "field": None}).body
-    await send({"type": "http.response.start", "status": 413,
+def _bad_url_text(scope: Scope) -> str | None:
+    """The name of the URL part (``path`` or a query parameter) whose percent-escapes are not UTF-8; None if all
+    are. Only escapes can be wrong: the raw URL is ASCII."""
+    raw = scope.get("raw_path") or b""
+    if b"%" in raw:
+        try:
+            unquote_to_bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            return "path"
+    query: bytes = scope.get("query_string", b"")
+    if b"%" in query:
+        for pair in query.split(b"&"):
+            key, _, value = pair.partition(b"=")
+            try:
+                unquote_to_bytes(key.replace(b"+", b" ")).decode("utf-8")
+            except UnicodeDecodeError:
+                return "query"
+            try:
+                unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8")
+            except UnicodeDecodeError:
+                return unquote_to_bytes(key).decode("utf-8", "replace") or "query"
+    return None
+
+
+async def _answer(send: Send, status: int, message: str, field: str | None) -> None:
+    body = FastJSON({"error": message, "field": field}).body
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
@@ -178,9 +217,10 @@ def create_app(st: ServerState) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> FastJSON:
-        return FastJSON({"error": str(exc.detail), "field": None}, status_code=exc.status_code)
+        # the headers too: a 405's Allow, a 401's WWW-Authenticate
+        return FastJSON({"error": str(exc.detail), "field": None}, status_code=exc.status_code, headers=exc.headers)
 
-    app.add_middleware(BodyLimit, limit=st.config.max_json_body)  # type: ignore[arg-type]
+    app.add_middleware(RequestGuard, limit=st.config.max_json_body)  # type: ignore[arg-type]
     return app
 
 

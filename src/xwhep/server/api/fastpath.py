@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from xwhep.server.api import worker
 from xwhep.server.api.deps import authenticate, json_bytes
-from xwhep.server.api.models import AliveIn, SyncIn, validation_error
+from xwhep.server.api.models import AliveIn, SyncIn, json_errors, validation_error
 from xwhep.server.auth import Identity
 from xwhep.server.errors import ApiError
 from xwhep.server.services.common import event
@@ -68,7 +68,7 @@ class FastPath:
             try:
                 parsed = model.model_validate_json(body)
             except ValidationError as exc:
-                await _reply(send, 400, validation_error(exc.errors()))
+                await _reply(send, 400, validation_error(json_errors(model, body, exc)))
                 return
             await _reply(send, 200, await handler(st, ident, uid, parsed))
         except ApiError as exc:

@@ -31,7 +31,7 @@ import time
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from fastapi import APIRouter, Depends, WebSocket
+from fastapi import APIRouter, Depends, Query, WebSocket
 
 from xwhep.core import relaywire as wire
 from xwhep.server import hosts as hostcache
@@ -444,7 +444,7 @@ async def relay_drop_host(uid: str, ident: Ident, st: St) -> FastJSON:
 
 
 @router.post("/relay/tickets")
-async def relay_tickets(ident: Ident, st: St, n: int = 4) -> FastJSON:
+async def relay_tickets(ident: Ident, st: St, n: Annotated[int, Query(ge=1, le=16)] = 4) -> FastJSON:
     """``n`` one-time stream tickets (1–16) for the raw relay port: each opens one raw connection as the caller,
     within a minute, in place of a WebSocket handshake: ``{"id", "key"}``, the key (base64, 32 bytes) sealing
     that connection's hello (it never travels on the raw port). ``port`` is None when the server has no raw port
@@ -452,7 +452,7 @@ async def relay_tickets(ident: Ident, st: St, n: int = 4) -> FastJSON:
     if st.relay.raw_port is None:
         return FastJSON({"port": None, "tickets": [], "ttl": TICKET_TTL})
     try:
-        tickets = st.relay.issue_tickets(ident, max(1, min(n, 16)))
+        tickets = st.relay.issue_tickets(ident, n)
     except Refused as exc:
         raise ApiError(exc.status, exc.message) from None
     return FastJSON({"port": st.relay.raw_port, "tickets": [{"id": t, "key": wire.encode_key(k)} for t, k in tickets],

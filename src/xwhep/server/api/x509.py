@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 
 from xwhep.core.model import UsageLevel
 from xwhep.server.api.deps import FastJSON, state_dep
-from xwhep.server.api.models import Strict
+from xwhep.server.api.models import Strict, Unicode
 from xwhep.server.auth import Identity
 from xwhep.server.db import schema as s
 from xwhep.server.errors import ApiError
@@ -33,10 +33,10 @@ St = Annotated[ServerState, Depends(state_dep)]
 
 
 class X509LoginIn(Strict):
-    chain: list[Annotated[str, Field(max_length=MAX_PEM)]] = Field(min_length=1, max_length=MAX_CHAIN)
-    nonce: str = Field(max_length=64)
-    audience: str = Field(max_length=255)
-    signature: str = Field(max_length=4096)
+    chain: list[Annotated[str, Unicode(MAX_PEM)]] = Field(min_length=1, max_length=MAX_CHAIN)
+    nonce: Annotated[str, Unicode(64)]
+    audience: Annotated[str, Unicode(255)]
+    signature: Annotated[str, Unicode(4096)]
 
 
 @router.post("/auth/x509/challenge", tags=["public"])
