@@ -9,11 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cluster import ServerProc
+from fsfill import fill_up
 
 ENTRY_POINTS = {
     "python -m xwhep.server": [sys.executable, "-m", "xwhep.server"],
@@ -41,37 +42,8 @@ def _one_line_refusal(r: subprocess.CompletedProcess[str], *words: str) -> str:
 def _root_or_skip() -> None:
     if os.geteuid() != 0:
         if os.environ.get("CI"):
-            pytest.fail("these tests mount tmpfs: CI runs as root")
-        pytest.skip("needs root (mounts a tmpfs)")
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    """Mount small tmpfs file systems (``mount -t tmpfs -o OPTIONS``); all unmounted at the end."""
-    _root_or_skip()
-    mounted: list[Path] = []
-
-    def mount(options: str) -> Path:
-        point = tmp_path / f"fs{len(mounted)}"
-        point.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], check=True)
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in reversed(mounted):
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
-def _fill(fs: Path) -> None:
-    """Fill a file system to the last block."""
-    with open(fs / "filler", "wb", buffering=0) as f:
-        for size in (65536, 1):  # then the partial block
-            try:
-                while True:
-                    f.write(b"\0" * size)
-            except OSError:
-                pass
+            pytest.fail("this test drops root's capabilities: CI runs as root")
+        pytest.skip("needs root")
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
@@ -111,7 +83,7 @@ def test_read_only_home_is_one_line(tmpfs: Callable[[str], Path]) -> None:
 
 def test_full_home_is_one_line(tmpfs: Callable[[str], Path]) -> None:
     fs = tmpfs("size=2m")
-    _fill(fs)
+    fill_up(fs)
     line = _one_line_refusal(_start(fs / "home"))
     assert "full" in line or "No space left" in line, line
 

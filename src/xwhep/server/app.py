@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,7 +24,7 @@ from xwhep.server.api import relay as relay_routes
 from xwhep.server.api import x509 as x509_routes
 from xwhep.server.api.deps import FastJSON
 from xwhep.server.db import schema as s
-from xwhep.server.errors import ApiError
+from xwhep.server.errors import ApiError, storage_full, storage_full_error
 from xwhep.server.services import dispatch
 from xwhep.server.services.common import event
 from xwhep.server.services.works import Resolver, profile_of
@@ -149,13 +150,17 @@ async def housekeeping(st: ServerState) -> None:
     cfg = st.config
     reaper_period = cfg.reaper_period or max(0.2, cfg.alive_timeout / 4)
     next_reap = time.monotonic() + reaper_period
+    full = False
     while True:
         await asyncio.sleep(min(cfg.flush_period, reaper_period))
+        hosts: dict[str, float] = {}
+        tasks: dict[str, float] = {}
         try:
             hosts, st.liveness.hosts = st.liveness.hosts, {}
             tasks, st.liveness.tasks = st.liveness.tasks, {}
             if hosts or tasks:
                 await st.db.run(dispatch.flush_alive, hosts, tasks)
+            hosts, tasks = {}, {}
             if time.monotonic() >= next_reap:
                 next_reap = time.monotonic() + reaper_period
                 n, eff = await st.db.run(dispatch.reap, time.time() - cfg.alive_timeout)
@@ -169,10 +174,22 @@ async def housekeeping(st: ServerState) -> None:
                 since = time.time() - 10 * cfg.flush_period
                 await rebuild(st, since=since)
                 st.revoked_users.update(await st.db.run(revoked_since, since))
+            if full:
+                full = False
+                log.warning("housekeeping: storage writable again")
         except asyncio.CancelledError:
             raise
-        except Exception:  # keep the loop alive; the next round retries
-            log.exception("housekeeping round failed")
+        except Exception as exc:  # keep the loop alive; the next round retries
+            # alive times not flushed stay in memory for the next round (newer ones win): the reaper must not take
+            # a task for silent because the database could not record that it was not
+            st.liveness.hosts = {**hosts, **st.liveness.hosts}
+            st.liveness.tasks = {**tasks, **st.liveness.tasks}
+            why = storage_full(exc)
+            if why is None:
+                log.exception("housekeeping round failed")
+            elif not full:  # one line when it starts, not one a second for as long as it lasts
+                full = True
+                log.error("housekeeping: storage full (%s): alive times not saved until there is room", why)
 
 
 def create_app(st: ServerState) -> FastAPI:
@@ -219,6 +236,24 @@ def create_app(st: ServerState) -> FastAPI:
     async def http_error(_: Request, exc: HTTPException) -> FastJSON:
         # the headers too: a 405's Allow, a 401's WWW-Authenticate
         return FastJSON({"error": str(exc.detail), "field": None}, status_code=exc.status_code, headers=exc.headers)
+
+    async def storage(request: Request, exc: Exception) -> FastJSON:
+        """A write the server's storage could not take: 507 and one log line (not a traceback per request); any
+        other failure of these kinds is a bug, for the 500 handler below."""
+        why = storage_full(exc)
+        if why is None:
+            raise exc
+        log.error("storage full: %s %s: %s", request.method, request.url.path, why)
+        err = storage_full_error(why)
+        return FastJSON({"error": err.message, "field": err.field}, status_code=err.status, headers=err.headers)
+
+    for kind in (OSError, sa.exc.SQLAlchemyError, sqlite3.Error):
+        app.add_exception_handler(kind, storage)  # type: ignore[arg-type]
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> FastJSON:
+        # Starlette logs the traceback and closes the connection after this answer: a bug stays visible
+        return FastJSON({"error": "internal server error", "field": None}, status_code=500)
 
     app.add_middleware(RequestGuard, limit=st.config.max_json_body)  # type: ignore[arg-type]
     return app

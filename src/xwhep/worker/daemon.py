@@ -98,7 +98,7 @@ class Worker:
             except XwError as exc:
                 if exc.status is not None and exc.status < 500 and exc.status not in (401, 408, 429):
                     raise
-                self._set_idle(f"server unreachable: {exc.message}")
+                self._set_idle(_server_trouble(exc))
                 self.stopping.wait(backoff.next())
         else:
             return
@@ -201,7 +201,7 @@ class Worker:
                     (self.cfg.workdir / "host.json").unlink(missing_ok=True)
                     self.register()
                     continue
-                self._set_idle(f"server unreachable: {exc.message}")
+                self._set_idle(_server_trouble(exc))
                 self.stopping.wait(backoff.next())
                 continue
             settled = [self._settle(entry, out) for entry, out in zip(outbox, reply["reports"], strict=True)]
@@ -296,7 +296,7 @@ class Worker:
             try:
                 reply = self.client.alive(self.host, running, held, active=self.active)
             except XwError as exc:
-                self._set_idle(f"server unreachable: {exc.message}")
+                self._set_idle(_server_trouble(exc))
                 continue
             self.alive_period = float(reply.get("alive_period") or self.alive_period)
             for task, order in reply.get("tasks", {}).items():
@@ -322,3 +322,9 @@ class Worker:
         tmp = self.cfg.workdir / f"status.json.{threading.get_ident()}.tmp"  # threads write concurrently
         tmp.write_text(json.dumps(status))
         os.replace(tmp, self.cfg.workdir / "status.json")
+
+
+def _server_trouble(exc: XwError) -> str:
+    """The idle reason for a failed call: "unreachable" only when no answer came (an answer says what happened,
+    e.g. the server's storage is full)."""
+    return f"server unreachable: {exc.message}" if exc.status is None else f"server error: {exc.message}"

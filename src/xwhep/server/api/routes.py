@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Annotated, Any
 
@@ -40,13 +41,14 @@ from xwhep.server.api.models import (
 )
 from xwhep.server.auth import Identity, hash_password, verify_password
 from xwhep.server.db import schema as s
-from xwhep.server.errors import ApiError, bad_request
+from xwhep.server.errors import ApiError, bad_request, storage_full, storage_full_error
 from xwhep.server.services import apps, bags, datas, mandates, users, works
 from xwhep.server.services import common as c
 from xwhep.server.state import ServerState
 from xwhep.server.store import StoreError
 
 router = APIRouter(prefix="/api/v1")
+log = logging.getLogger("xwhep.server")
 Ident = Annotated[Identity, Depends(identity)]
 St = Annotated[ServerState, Depends(state_dep)]
 
@@ -208,7 +210,10 @@ async def upload(uid: str, request: Request, ident: Ident, st: St) -> FastJSON:
     size = row["size"]
     if size is None and request.headers.get("content-length"):
         size = int(request.headers["content-length"])
-    staged = st.store.begin()
+    try:
+        staged = st.store.begin()
+    except OSError as exc:
+        raise _full(exc) from exc
     try:
         async for chunk in request.stream():
             staged.write(chunk)
@@ -216,17 +221,31 @@ async def upload(uid: str, request: Request, ident: Ident, st: St) -> FastJSON:
         st.store.abort(staged)
         raise bad_request(f"upload of data {uid} interrupted after {staged.size} bytes; nothing stored",
                           "content") from None
+    except OSError as exc:
+        st.store.abort(staged)  # the bytes written so far are freed at once
+        raise _full(exc) from exc
     except BaseException:
         st.store.abort(staged)
         raise
     try:
         sha, n = st.store.commit(staged, size, declared)
+    except OSError as exc:
+        raise _full(exc) from exc
     except StoreError as exc:
         await st.db.run(c.event, ident.uid, "data.upload.refused", uid, None, None, str(exc))
         raise bad_request(f"content: {exc}; data {uid} stays UNAVAILABLE", "content") from None
     out, eff = await st.db.run(datas.mark_available, ident, uid, sha, n)
     eff.apply(st)
     return FastJSON(c.render(out, st.name))
+
+
+def _full(exc: OSError) -> Exception:
+    """A blob store write that failed: 507 naming the content when the storage is full; anything else as it was."""
+    why = storage_full(exc)
+    if why is None:
+        return exc
+    log.error("storage full: data upload: %s", why)
+    return storage_full_error(why, "content")
 
 
 class BlobResponse(FileResponse):
