@@ -194,6 +194,33 @@ def test_method_not_allowed_says_allow(http: httpx.Client, host: str) -> None:
     r = http.get(f"/api/v1/hosts/{host}/sync")  # the fast path's route: only POST
     _is_error(r, 405, None)
     assert r.headers["allow"] == "POST"
+    r = http.put("/api/v1/apps")  # one path, two routes (GET and POST): Allow names both
+    _is_error(r, 405, None)
+    assert r.headers["allow"] == "GET, POST"
+    r = http.get("/api/v1/works/wait")  # a literal path beside /works/{uid}: not taken for the work "wait"
+    _is_error(r, 405, None)
+    assert r.headers["allow"] == "POST"
+
+
+def test_a_value_another_object_holds_is_409(http: httpx.Client) -> None:
+    """Unique columns beyond the ones services check by hand (here a user's X.509 DN): 409 naming the field,
+    not the database's integrity error as a 500."""
+    dn = "CN=twin,O=xwhep-test"
+    assert http.post("/api/v1/users", json={"login": "twin-1", "x509_dn": dn}).status_code == 201
+    _is_error(http.post("/api/v1/users", json={"login": "twin-2", "x509_dn": dn}), 409, "x509_dn")
+
+
+def test_an_account_cannot_delete_itself(http: httpx.Client) -> None:
+    me = http.get("/api/v1/me").json()
+    _is_error(http.delete(f"/api/v1/users/{me['uid']}"), 409, "uid")
+    assert http.get("/api/v1/me").status_code == 200
+
+
+def test_integers_are_json_schema_integers(worker_http: httpx.Client, host: str) -> None:
+    """3.0 is the integer 3 (as JSON Schema, and so the OpenAPI document, says); 3.5 and true are not."""
+    assert worker_http.post(f"/api/v1/hosts/{host}/sync", json={"max": 1.0}).status_code == 200
+    _is_error(worker_http.post(f"/api/v1/hosts/{host}/sync", json={"max": 1.5}), 400, "max")
+    _is_error(worker_http.post(f"/api/v1/hosts/{host}/sync", json={"wait": False}), 400, "wait")
 
 
 def test_unknown_route_is_json_404(http: httpx.Client) -> None:

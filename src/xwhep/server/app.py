@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -19,12 +20,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from xwhep import __version__
 from xwhep.core.model import UsageLevel, WorkStatus
-from xwhep.server.api import models, oidc, routes, worker
+from xwhep.server.api import models, oidc, openapi, routes, worker
 from xwhep.server.api import relay as relay_routes
 from xwhep.server.api import x509 as x509_routes
 from xwhep.server.api.deps import FastJSON
 from xwhep.server.db import schema as s
-from xwhep.server.errors import ApiError, storage_full, storage_full_error
+from xwhep.server.errors import ApiError, storage_full, storage_full_error, unique_violation
 from xwhep.server.services import dispatch
 from xwhep.server.services.common import event
 from xwhep.server.services.works import Resolver, profile_of
@@ -214,6 +215,7 @@ def create_app(st: ServerState) -> FastAPI:
     app = FastAPI(title="xwhep", version=__version__, lifespan=lifespan,
                   description="A secured desktop grid after XtremWeb-HEP: works, data, apps, workers.")
     app.state.xw = st
+    openapi.install(app)
     app.include_router(routes.router)
     app.include_router(worker.router)
     app.include_router(oidc.router)
@@ -233,15 +235,21 @@ def create_app(st: ServerState) -> FastAPI:
         return FastJSON(models.validation_error(exc.errors()), status_code=400)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> FastJSON:
-        # the headers too: a 405's Allow, a 401's WWW-Authenticate
-        return FastJSON({"error": str(exc.detail), "field": None}, status_code=exc.status_code, headers=exc.headers)
+    async def http_error(request: Request, exc: HTTPException) -> FastJSON:
+        headers = dict(exc.headers or {})  # a 401's WWW-Authenticate, …
+        if exc.status_code == 405:  # Starlette names the methods of one route; a path has one route per method
+            headers["Allow"] = _allowed(app, request.scope)
+        return FastJSON({"error": str(exc.detail), "field": None}, status_code=exc.status_code, headers=headers)
 
     async def storage(request: Request, exc: Exception) -> FastJSON:
         """A write the server's storage could not take: 507 and one log line (not a traceback per request); any
         other failure of these kinds is a bug, for the 500 handler below."""
         why = storage_full(exc)
         if why is None:
+            taken = unique_violation(exc)
+            if taken is not None:  # two requests raced for one name, or a value another object holds
+                return FastJSON({"error": f"{taken}: already taken by another object", "field": taken},
+                                status_code=409)
             raise exc
         log.error("storage full: %s %s: %s", request.method, request.url.path, why)
         err = storage_full_error(why)
@@ -257,6 +265,32 @@ def create_app(st: ServerState) -> FastAPI:
 
     app.add_middleware(RequestGuard, limit=st.config.max_json_body)  # type: ignore[arg-type]
     return app
+
+
+def _allowed(app: FastAPI, scope: Scope) -> str:
+    """Every method some operation serves at this request's path (a 405's Allow header), from the OpenAPI
+    document: routers nest in FastAPI, and Starlette names only the methods of the first route that matched."""
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(app.state, "allow_table", None)
+    if table is None:
+        table = [(_path_regex(path, item), {m.upper() for m in item}) for path, item in app.openapi()["paths"].items()]
+        app.state.allow_table = table
+    methods: set[str] = set()
+    for regex, allowed in table:
+        if regex.match(scope["path"]):
+            methods |= allowed
+    return ", ".join(sorted(methods))
+
+
+def _path_regex(path: str, item: dict[str, Any]) -> re.Pattern[str]:
+    """A document path as the router matches it: a parameter with a pattern (a uid) matches only that."""
+    patterns = {p["name"]: p.get("schema", {}).get("pattern", "^[^/]+$") for op in item.values()
+                for p in op.get("parameters", []) if p.get("in") == "path"}
+    out, rest = "^", path
+    while "{" in rest:
+        head, _, tail = rest.partition("{")
+        name, _, rest = tail.partition("}")
+        out += re.escape(head) + "(?:" + patterns.get(name, "^[^/]+$").removeprefix("^").removesuffix("$") + ")"
+    return re.compile(out + re.escape(rest) + "$")
 
 
 LEVEL_ADMIN = UsageLevel.SUPER_USER

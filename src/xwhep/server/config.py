@@ -20,6 +20,7 @@ class ServerConfig:
     reaper_period: float | None = None  # default: alive_timeout / 4
     flush_period: float = 1.0  # alive times are batched to the database this often
     max_long_poll: float = 30.0
+    max_wait: float = 600.0  # longest POST /works/wait (the client asks again until its own deadline)
     max_bag: int = 10_000  # works per bulk submission
     max_json_body: int = 64 * 1024 * 1024
     # Connection limits (docs/decisions.md, "Limits"): a request head (request line + headers) larger than this is
@@ -50,7 +51,7 @@ class ServerConfig:
         for key in ("max_json_body", "max_head"):
             if key in data:
                 setattr(self, key, int(data[key]))
-        for key in ("head_timeout", "tls_handshake_timeout"):
+        for key in ("head_timeout", "tls_handshake_timeout", "max_long_poll", "max_wait"):
             if key in data:
                 setattr(self, key, float(data[key]))
         rate = data.get("login_rate")

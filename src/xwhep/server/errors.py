@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sqlite3
 
 
@@ -62,3 +63,23 @@ def storage_full_error(reason: str, field: str | None = None) -> ApiError:
     """The answer to a request that could not be stored: 507, the server keeps running, nothing half-written."""
     return ApiError(507, f"server storage full ({reason}): nothing was stored; try again later", field,
                     {"Retry-After": "60"})
+
+
+_SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: \w+\.(\w+)")
+PG_UNIQUE = "23505"  # SQLSTATE unique_violation
+
+
+def unique_violation(exc: BaseException) -> str | None:
+    """The column whose uniqueness ``exc`` (a database integrity error) violated; None for any other failure."""
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return None
+    m = _SQLITE_UNIQUE.search(str(orig))
+    if isinstance(orig, sqlite3.IntegrityError) and m:
+        return m.group(1)
+    if getattr(orig, "sqlstate", None) == PG_UNIQUE:
+        diag = getattr(orig, "diag", None)
+        column = getattr(diag, "column_name", None)
+        constraint = str(getattr(diag, "constraint_name", "") or "")
+        return str(column or constraint.removesuffix("_key").split("_", 1)[-1] or "value")
+    return None

@@ -117,6 +117,8 @@ def delete_user(conn: Connection, ident: Identity, uid: str) -> None:
     if not ident.is_admin and not (ident.level == UsageLevel.ADVANCED_USER and row["usergroup"] == ident.usergroup
                                    and row["uid"] != ident.uid):
         raise ApiError(404, f"no user {uid}")
+    if row["uid"] == ident.uid:  # an administrator locking itself out (perhaps the last one): another one may
+        raise conflict("uid: an account cannot delete itself; another administrator can", "uid")
     conn.execute(s.users.delete().where(s.users.c.uid == uid))
     mandates.forget_user(conn, uid)
     c.event(conn, ident.uid, "user.delete", uid)
