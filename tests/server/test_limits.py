@@ -145,3 +145,23 @@ def test_ordinary_requests_are_untouched(srv: ServerProc) -> None:
         time.sleep(HEAD_TIMEOUT / 4)  # idle between requests: keep-alive's business, not the head timer's
         tls.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert b" 200 " in f.readline()
+
+
+def test_head_timeout_counts_from_the_head_not_the_connection(srv: ServerProc) -> None:
+    """On a kept-alive connection the head timer runs from each head's first byte: a half-sent second head is
+    closed HEAD_TIMEOUT after it began, not earlier (the connection's age does not count) nor never."""
+    with _tls(srv) as tls, tls.makefile("rb") as f:
+        tls.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b" 200 " in f.readline()
+        length = 0
+        while (line := f.readline().strip()):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        f.read(length)  # the whole first answer: what comes next is the server's word on the second head
+        time.sleep(HEAD_TIMEOUT * 0.6)  # a pause between requests (what is measured starts below)
+        start = time.monotonic()
+        tls.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+        answered = _read_until_closed(tls, start + BOUND)
+        took = time.monotonic() - start
+    assert took >= HEAD_TIMEOUT * 0.9, f"closed {took:.1f} s after the head began, before the timeout"
+    assert b" 408 " in answered

@@ -43,6 +43,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._head_bytes = 0
         self._in_head = True
+        self._head_since = self.loop.time()
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.head_timeout, self._head_late)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -58,16 +59,19 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if self._in_head and self._head_bytes > self.max_head and not self.transport.is_closing():
             self._refuse(431, f"request head over {self.max_head} bytes")
 
+    # One timer per connection, not one per request (the workers' hot calls come back to back on one
+    # connection): a request only notes when its head began; the timer, when it fires, re-arms itself for what is
+    # left of the current head's time, or lets go while no head is being read.
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
-        self._stop_head_timer()
-        self._head_timer = self.loop.call_later(self.head_timeout, self._head_late)
+        self._head_since = self.loop.time()
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout, self._head_late)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._stop_head_timer()
         super().on_headers_complete()
 
     def send_400_response(self, msg: str) -> None:
@@ -88,10 +92,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def _head_late(self) -> None:
         self._head_timer = None
         if not self._in_head or self.transport.is_closing():
-            return
-        if self.cycle is not None and not self.cycle.response_complete:
-            # a pipelined head waits (reading paused) while the previous request runs: not the client's delay
-            self._head_timer = self.loop.call_later(self.head_timeout, self._head_late)
+            return  # no head being read: the next one arms the timer again
+        left = self._head_since + self.head_timeout - self.loop.time()
+        if left > 0 or (self.cycle is not None and not self.cycle.response_complete):
+            # a head begun later than the timer was armed for; or a pipelined head waiting (reading paused)
+            # while the previous request runs, which is not the client's delay
+            self._head_timer = self.loop.call_later(max(left, 0.05) if left > 0 else self.head_timeout,
+                                                    self._head_late)
             return
         self._refuse(408, f"request head not received within {self.head_timeout:g} s")
 
