@@ -127,5 +127,5 @@ def loop_factory(ssl_handshake_timeout: float) -> Callable[[], asyncio.AbstractE
             kwargs.setdefault("ssl_shutdown_timeout", ssl_handshake_timeout)
         return await base.create_server(self, *args, **kwargs)
 
-    cls = type("BoundedLoop", (base,), {"create_server": create_server})
-    return cls  # type: ignore[no-any-return]
+    cls: Callable[[], asyncio.AbstractEventLoop] = type("BoundedLoop", (base,), {"create_server": create_server})
+    return cls

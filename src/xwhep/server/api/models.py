@@ -66,7 +66,7 @@ class Unicode:
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> cs.CoreSchema:
         text = cs.str_schema(max_length=self.max_length, min_length=self.min_length, pattern=self.pattern)
-        python = cs.no_info_after_validator_function(_text, cs.str_schema())
+        python: cs.CoreSchema = cs.no_info_after_validator_function(_text, cs.str_schema())
         if self.max_length is not None or self.min_length is not None or self.pattern is not None:
             python = cs.chain_schema([python, text])  # Unicode first: the pattern never sees a lone surrogate
         return cs.json_or_python_schema(json_schema=text, python_schema=python)
