@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -270,3 +270,13 @@ def test_oversized_chunked_body_is_413(srv: ServerProc, host: str) -> None:
     status, headers, body = _chunked(srv, f"/api/v1/hosts/{host}/sync", wtoken, 4 * MAX_BODY)
     assert status == 413, body
     assert headers["content-type"] == "application/json" and json.loads(body)["error"]
+
+
+def test_unique_violation_is_409_on_either_database(make_server: Callable[..., ServerProc], db_url: str | None) -> None:
+    srv = make_server(db=db_url)
+    token = srv.client().login()
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(srv.ca)), base_url=srv.url,
+                      headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+        dn = "CN=twin,O=xwhep-test"
+        assert c.post("/api/v1/users", json={"login": "twin-1", "x509_dn": dn}).status_code == 201
+        _is_error(c.post("/api/v1/users", json={"login": "twin-2", "x509_dn": dn}), 409, "x509_dn")
