@@ -25,6 +25,7 @@ class ServerProc:
     args: list[str] = field(default_factory=list)
     prefix: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NS]: run the server inside
     port: int = 0
+    log: Path | None = None  # where the server's output goes after its ready line (default: nowhere)
     proc: subprocess.Popen[str] | None = None
     url: str = ""
 
@@ -59,7 +60,10 @@ class ServerProc:
         else:
             raise RuntimeError("server did not start:\n" + "".join(lines))
         # keep draining the output so the server never blocks on a full pipe
-        self._drain = subprocess.Popen(["cat"], stdin=self.proc.stdout, stdout=subprocess.DEVNULL)
+        out = open(self.log, "a") if self.log else subprocess.DEVNULL  # noqa: SIM115 - cat holds it from now on
+        self._drain = subprocess.Popen(["cat"], stdin=self.proc.stdout, stdout=out)
+        if self.log:
+            out.close()  # type: ignore[union-attr]
         return self
 
     def client(self, conf: str = "admin") -> Client:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -92,6 +93,31 @@ def browser() -> Iterator[Any]:
         b = launch(pw)
         yield b
         b.close()
+
+
+# --- Small file systems -----------------------------------------------------------------------------------------------
+# Disk-full and read-only conditions for real: tmpfs mounts of a few MiB (root only; CI runs as root).
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount small tmpfs file systems (``mount -t tmpfs -o OPTIONS``, e.g. ``size=4m``); unmounted at the end."""
+    if os.geteuid() != 0:
+        if _in_ci():
+            pytest.fail("these tests mount tmpfs: CI runs as root", pytrace=False)
+        pytest.skip("needs root (mounts a tmpfs)")
+    mounted: list[Path] = []
+
+    def mount(options: str) -> Path:
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], check=True)
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 # --- Nested runs ---------------------------------------------------------------------------------------------------

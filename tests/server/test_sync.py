@@ -134,8 +134,8 @@ BAD_BODIES = [
     (b'{"max": -1}', "max"),
     (b'{"max": 1, "wait": "soon"}', "wait"),
     (b'{"reports": [{"status": "COMPLETED"}]}', "reports.0.task"),
-    (b'{"reports": [{"task": "x", "bogus": 1}]}', "reports.0.bogus"),
-    (b'{"reports": [{"task": "not-a-uid"}]}', "task"),
+    (b'{"reports": [{"task": "01a241e3-30b6-722c-98f0-60fc86015b41", "bogus": 1}]}', "reports.0.bogus"),
+    (b'{"reports": [{"task": "not-a-uid"}]}', "reports.0.task"),
     (b'{"tasks": "abc"}', "tasks"),
 ]
 
@@ -193,7 +193,7 @@ def test_a_refused_call_loses_no_work(make_server: Callable[..., ServerProc], tm
     [a] = w.c.sync(w.host, max=1)["works"]
     bad = b'{"max": 1, "reports": [{"task": "%s", "status": "DONE"}]}' % a["task"].encode()
     code, out = _post(w.c, f"/hosts/{w.host}/sync", bad)
-    assert code == 400 and out["field"] == "status", out
+    assert code == 400 and out["field"] == "reports.0.status", out
     other = second if a["work"] == first["uid"] else first
     assert admin.work(other["uid"])["status"] == "PENDING"
     assert admin.work(a["work"])["status"] == "RUNNING"  # the refused report changed nothing either

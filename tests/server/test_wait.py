@@ -79,7 +79,7 @@ def test_wait_refusals(make_server: Callable[..., ServerProc], tmp_path: Path) -
     assert err.value.status == 400 and "works" in (err.value.field or err.value.message)
     with pytest.raises(XwError) as err:
         _wait(admin, ["not-a-uid"], {}, 0)
-    assert err.value.status == 400 and err.value.field == "works"
+    assert err.value.status == 400 and err.value.field == "works.0"
     with pytest.raises(XwError) as err:
         _wait(admin, [mine], {}, 3600)
     assert err.value.status == 400 and "timeout" in (err.value.field or err.value.message)

@@ -229,10 +229,11 @@ def test_alive_reply_after_an_outage_wakes_everything_backed_off() -> None:
     d = Driver(pool=1)
     d.running("t1")
     sync = only(d(JobFinished, "t1", done_report("t1", result=False)), Sync)[0]
+    down = "server unreachable: cannot reach server"  # as the daemon words a call that got no answer
     for _ in range(5):  # the server is down: the report backs off
-        d(SyncFailed, sync.sync, "h1", "cannot reach server", Failure.SERVER)
+        d(SyncFailed, sync.sync, "h1", down, Failure.SERVER)
         sync = only(d.at(d.s.entries["t1"].next_try)(Tick), Sync)[0]
-    d(SyncFailed, sync.sync, "h1", "cannot reach server", Failure.SERVER)
+    d(SyncFailed, sync.sync, "h1", down, Failure.SERVER)
     assert d.s.entries["t1"].next_try > d.now + 1
     assert d.s.idle_reason().startswith("server unreachable")
     alive = only(d.at(d.s.next_alive)(Tick), SendAlive)

@@ -86,14 +86,17 @@ class UsageLevel(IntEnum):
     def parse(cls, text: str) -> UsageLevel:
         """Parse a level by name, case-insensitively (``standard_user``, ``ADMINISTRATOR`` too)."""
         key = text.strip().upper()
-        aliases = {"ADMIN": "SUPER_USER", "ADMINISTRATOR": "SUPER_USER", "STANDARD": "STANDARD_USER",
-                   "WORKER": "WORKER_USER", "ADVANCED": "ADVANCED_USER", "GROUPADMIN": "ADVANCED_USER",
-                   "MANDATED": "MANDATED_USER", "VWORKER": "VWORKER_USER"}
-        key = aliases.get(key, key)
+        key = LEVEL_ALIASES.get(key, key)
         try:
             return cls[key]
         except KeyError:
             raise ValueError(f"unknown usage level {text!r}") from None
+
+
+LEVEL_ALIASES = {"ADMIN": "SUPER_USER", "ADMINISTRATOR": "SUPER_USER", "STANDARD": "STANDARD_USER",
+                 "WORKER": "WORKER_USER", "ADVANCED": "ADVANCED_USER", "GROUPADMIN": "ADVANCED_USER",
+                 "MANDATED": "MANDATED_USER", "VWORKER": "VWORKER_USER"}
+"""Other names of usage levels that :meth:`UsageLevel.parse` reads."""
 
 
 class ObjectType(StrEnum):

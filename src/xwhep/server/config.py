@@ -20,9 +20,16 @@ class ServerConfig:
     reaper_period: float | None = None  # default: alive_timeout / 4
     flush_period: float = 1.0  # alive times are batched to the database this often
     max_long_poll: float = 30.0
+    max_wait: float = 600.0  # longest POST /works/wait (the client asks again until its own deadline)
     max_bag: int = 10_000  # works per bulk submission (replicas included)
     max_hosts_per_user: int = 64  # hosts a user may register (worker identities and administrators: no limit)
     max_json_body: int = 64 * 1024 * 1024
+    # Connection limits (docs/decisions.md, "Limits"): a request head (request line + headers) larger than this is
+    # refused with 431 before it is buffered further; a head not complete this many seconds after its first byte,
+    # or after the connection opened, closes the connection; so does a TLS handshake not done in time.
+    max_head: int = 64 * 1024
+    head_timeout: float = 20.0
+    tls_handshake_timeout: float = 10.0
     public_name: str | None = None  # host[:port] used in xw:// URIs; default host:port
     # Security settings, usually from HOME/server.toml (see load_settings):
     oidc: list[dict[str, Any]] = field(default_factory=list)  # [[oidc]] issuer, audience, client_id, …
@@ -44,8 +51,12 @@ class ServerConfig:
         self.delegated_registration = bool(data.get("delegated_registration", self.delegated_registration))
         if "relay_port" in data:
             self.relay_port = int(data["relay_port"])
-        if "max_hosts_per_user" in data:
-            self.max_hosts_per_user = int(data["max_hosts_per_user"])
+        for key in ("max_json_body", "max_head", "max_hosts_per_user"):
+            if key in data:
+                setattr(self, key, int(data[key]))
+        for key in ("head_timeout", "tls_handshake_timeout", "max_long_poll", "max_wait"):
+            if key in data:
+                setattr(self, key, float(data[key]))
         rate = data.get("login_rate")
         if rate:
             self.login_rate = (int(rate["failures"]), float(rate["window_s"]))

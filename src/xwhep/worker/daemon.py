@@ -101,11 +101,17 @@ def classify(exc: BaseException, not_found: Failure = Failure.HOST) -> tuple[str
     if isinstance(exc, XwError):
         s = exc.status
         if s is None or s >= 500 or s in (401, 403, 408, 425, 429):
-            return exc.message, Failure.SERVER
+            return server_trouble(exc), Failure.SERVER
         if s == 404:
             return exc.message, not_found
         return exc.message, Failure.REFUSED
     return f"{type(exc).__name__}: {exc}", Failure.SERVER
+
+
+def server_trouble(exc: XwError) -> str:
+    """What went wrong with the server, in a few words: "unreachable" only when no answer came (an answer says
+    what happened, e.g. that the server's storage is full)."""
+    return f"server unreachable: {exc.message}" if exc.status is None else f"server error: {exc.message}"
 
 
 class _Pool:
@@ -182,7 +188,7 @@ class Worker:
             except XwError as exc:
                 if exc.status is not None and exc.status < 500 and exc.status not in (401, 408, 429):
                     raise
-                self._set_idle(f"server unreachable: {exc.message}")
+                self._set_idle(server_trouble(exc))
                 self.stopping.wait(backoff.next())
         else:
             return

@@ -347,10 +347,10 @@ class WorkerState:
             return "stopping"
         if not self.active:
             return f"inactive: {self.inactive_reason}"
-        if self.host is None:
-            return f"server unreachable: {self.last_error}" if self.last_error else "registering"
+        if self.host is None:  # the failures' reasons say what went wrong (daemon.server_trouble)
+            return self.last_error or "registering"
         if self.pull_failures and self.last_error:
-            return f"server unreachable: {self.last_error}"
+            return self.last_error
         if len(self.running) >= self.pool:
             return "pool full"
         return "waiting for matching work"

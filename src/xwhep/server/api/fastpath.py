@@ -19,9 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from xwhep.server.api import worker
 from xwhep.server.api.deps import authenticate, json_bytes
-from xwhep.server.api.models import AliveIn, SyncIn, validation_error
+from xwhep.server.api.models import AliveIn, SyncIn, json_errors, validation_error
 from xwhep.server.auth import Identity
-from xwhep.server.errors import ApiError
+from xwhep.server.errors import ApiError, storage_full, storage_full_error
 from xwhep.server.services.common import event
 from xwhep.server.state import ServerState
 
@@ -68,7 +68,7 @@ class FastPath:
             try:
                 parsed = model.model_validate_json(body)
             except ValidationError as exc:
-                await _reply(send, 400, validation_error(exc.errors()))
+                await _reply(send, 400, validation_error(json_errors(model, body, exc)))
                 return
             await _reply(send, 200, await handler(st, ident, uid, parsed))
         except ApiError as exc:
@@ -76,9 +76,15 @@ class FastPath:
                 await st.db.run(event, ident.uid, "access.denied", None, None, None,
                                 f"POST {scope['path']}: {exc.message}"[:2000])
             await _reply(send, exc.status, {"error": exc.message, "field": exc.field}, exc.headers)
-        except Exception:
-            log.exception("POST %s failed", scope["path"])
-            await _reply(send, 500, {"error": "internal server error", "field": None})
+        except Exception as exc:
+            why = storage_full(exc)
+            if why is None:
+                log.exception("POST %s failed", scope["path"])
+                await _reply(send, 500, {"error": "internal server error", "field": None})
+                return
+            log.error("storage full: POST %s: %s", scope["path"], why)  # one line, not a traceback per worker
+            err = storage_full_error(why)
+            await _reply(send, err.status, {"error": err.message, "field": err.field}, err.headers)
 
 
 async def _body(receive: Receive, limit: int) -> bytes:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
+from xwhep.server.api import schemas as S
 from xwhep.server.api.deps import FastJSON, state_dep
 from xwhep.server.state import ServerState
 
@@ -13,7 +14,7 @@ router = APIRouter(prefix="/api/v1")
 St = Annotated[ServerState, Depends(state_dep)]
 
 
-@router.get("/auth/oidc", tags=["public"])
+@router.get("/auth/oidc", tags=["public"], response_model=S.Issuers)
 async def oidc_issuers(st: St) -> FastJSON:
     """The configured issuers: ``{"issuers": [{"issuer", "audience", "client_id"}, …]}`` (empty when none).
 

@@ -31,11 +31,13 @@ import time
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from fastapi import APIRouter, Depends, WebSocket
+from fastapi import APIRouter, Depends, Query, WebSocket
 
 from xwhep.core import relaywire as wire
 from xwhep.server import hosts as hostcache
+from xwhep.server.api import schemas as S
 from xwhep.server.api.deps import FastJSON, identity, revoked, state, state_dep
+from xwhep.server.api.models import RefQuery, UidPath
 from xwhep.server.auth import Identity
 from xwhep.server.errors import ApiError
 from xwhep.server.relay import (
@@ -424,16 +426,16 @@ Ident = Annotated[Identity, Depends(identity)]
 St = Annotated[ServerState, Depends(state_dep)]
 
 
-@router.get("/relay")
-async def relay_stats(ident: Ident, st: St, work: str | None = None) -> FastJSON:
+@router.get("/relay", response_model=S.RelayStats)
+async def relay_stats(ident: Ident, st: St, work: RefQuery = None) -> FastJSON:
     """Connected control channels, spares and open streams (of one work with ``work``): administrators."""
     if not ident.is_admin:
         raise ApiError(403, f"{ident.login} may not see the relay's state")
     return FastJSON(st.relay.stats(c.ref(work, "work") if work else None))
 
 
-@router.delete("/relay/hosts/{uid}")
-async def relay_drop_host(uid: str, ident: Ident, st: St) -> FastJSON:
+@router.delete("/relay/hosts/{uid:uid}", response_model=S.Dropped)
+async def relay_drop_host(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     """Close a worker's control channel and spares (administrators): it reconnects; streams in flight go on."""
     if not ident.is_admin:
         raise ApiError(403, f"{ident.login} may not drop relay channels")
@@ -443,8 +445,8 @@ async def relay_drop_host(uid: str, ident: Ident, st: St) -> FastJSON:
     return FastJSON({"dropped": dropped})
 
 
-@router.post("/relay/tickets")
-async def relay_tickets(ident: Ident, st: St, n: int = 4) -> FastJSON:
+@router.post("/relay/tickets", response_model=S.Tickets)
+async def relay_tickets(ident: Ident, st: St, n: Annotated[int, Query(ge=1, le=16)] = 4) -> FastJSON:
     """``n`` one-time stream tickets (1–16) for the raw relay port: each opens one raw connection as the caller,
     within a minute, in place of a WebSocket handshake: ``{"id", "key"}``, the key (base64, 32 bytes) sealing
     that connection's hello (it never travels on the raw port). ``port`` is None when the server has no raw port
@@ -452,7 +454,7 @@ async def relay_tickets(ident: Ident, st: St, n: int = 4) -> FastJSON:
     if st.relay.raw_port is None:
         return FastJSON({"port": None, "tickets": [], "ttl": TICKET_TTL})
     try:
-        tickets = st.relay.issue_tickets(ident, max(1, min(n, 16)))
+        tickets = st.relay.issue_tickets(ident, n)
     except Refused as exc:
         raise ApiError(exc.status, exc.message) from None
     return FastJSON({"port": st.relay.raw_port, "tickets": [{"id": t, "key": wire.encode_key(k)} for t, k in tickets],

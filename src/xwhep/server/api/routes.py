@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Annotated, Any
 
@@ -13,23 +14,33 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+from starlette.types import Receive, Scope, Send
 
 from xwhep import __version__
 from xwhep.core.rights import Action, BadRights, format_rights, parse_rights
 from xwhep.core.states import is_final
 from xwhep.server import hosts as hostcache
+from xwhep.server.api import schemas as S
 from xwhep.server.api.deps import FastJSON, identity, state_dep
 from xwhep.server.api.models import (
     BAG,
+    QUERY_INT64,
+    STATUS_PATTERN,
     SUBMISSION,
+    AppRef,
     AppSpec,
     BagSpec,
     ChmodIn,
     DataSpec,
     GroupSpec,
     LoginIn,
+    MandateIn,
     PasswordIn,
+    RefQuery,
+    UidPath,
     UserSpec,
     WaitIn,
     dump,
@@ -37,30 +48,31 @@ from xwhep.server.api.models import (
 )
 from xwhep.server.auth import Identity, hash_password, verify_password
 from xwhep.server.db import schema as s
-from xwhep.server.errors import ApiError, bad_request
+from xwhep.server.errors import ApiError, bad_request, storage_full, storage_full_error
 from xwhep.server.services import apps, bags, datas, mandates, users, works
 from xwhep.server.services import common as c
 from xwhep.server.state import ServerState
 from xwhep.server.store import StoreError
 
 router = APIRouter(prefix="/api/v1")
+log = logging.getLogger("xwhep.server")
 Ident = Annotated[Identity, Depends(identity)]
 St = Annotated[ServerState, Depends(state_dep)]
 
 
 # -- public ------------------------------------------------------------------------------------------------------
 
-@router.get("/health", tags=["public"])
+@router.get("/health", tags=["public"], response_model=S.Health)
 async def health(st: St) -> FastJSON:
     return FastJSON({"status": "ok", "uptime": time.time() - st.started})
 
 
-@router.get("/version", tags=["public"])
+@router.get("/version", tags=["public"], response_model=S.Version)
 async def version() -> FastJSON:
     return FastJSON({"version": __version__, "api": "v1"})
 
 
-@router.post("/auth/login", tags=["public"])
+@router.post("/auth/login", tags=["public"], response_model=S.Token)
 async def login(body: LoginIn, request: Request, st: St) -> FastJSON:
     """Password login; the answer is a short-lived bearer token. Failures slow down the (account, address) pair
     and, past a higher threshold, the address: 429 with a Retry-After that doubles with each further failure.
@@ -90,7 +102,7 @@ async def login(body: LoginIn, request: Request, st: St) -> FastJSON:
     return FastJSON({"token": token, "expires_in": ttl, "user": ident.uid, "level": ident.level.name})
 
 
-@router.get("/me")
+@router.get("/me", response_model=S.User)
 async def me(ident: Ident, st: St) -> FastJSON:
     row = await st.db.run(c.load, "user", ident.uid)
     return FastJSON(c.render(row, st.name))
@@ -98,7 +110,7 @@ async def me(ident: Ident, st: St) -> FastJSON:
 
 # -- works -------------------------------------------------------------------------------------------------------
 
-@router.post("/works", status_code=201)
+@router.post("/works", status_code=201, response_model=S.Submitted | S.SubmittedBag)
 async def submit(body: Annotated[dict[str, Any], Body()], ident: Ident, st: St) -> FastJSON:
     """Submit one work (a WorkSpec), or a bag ``{"works": [WorkSpec, ...]}`` of up to 10,000 in one transaction."""
     if isinstance(body.get("works"), list) and len(body["works"]) > st.config.max_bag:
@@ -114,11 +126,12 @@ async def submit(body: Annotated[dict[str, Any], Body()], ident: Ident, st: St) 
     return FastJSON({"works": out} if body_is_bag else out[0], status_code=201)
 
 
-@router.get("/works")
-async def list_works(ident: Ident, st: St, status: str | None = None, label: str | None = None,
-                     group: str | None = None, session: str | None = None, app: str | None = None,
+@router.get("/works", response_model=S.WorkPage)
+async def list_works(ident: Ident, st: St, status: Annotated[str | None, Query(pattern=STATUS_PATTERN)] = None,
+                     label: Annotated[str | None, Query(max_length=255)] = None, group: RefQuery = None,
+                     session: RefQuery = None, app: Annotated[str | None, Query(max_length=255)] = None,
                      limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
-                     after: Annotated[int, Query(ge=0)] = 0) -> FastJSON:
+                     after: Annotated[int, Query(**QUERY_INT64)] = 0) -> FastJSON:
     return FastJSON(await st.db.run(works.listing, ident, st.name, status, label, group, session, app, limit,
                                     after))
 
@@ -127,13 +140,13 @@ WAIT_SLICE = 2.0  # a waiting request re-reads the states at least this often (o
 WAIT_INTERVAL = 0.2  # and at most this often (a thousand reports a second need not mean a thousand reads)
 
 
-@router.post("/works/wait")
+@router.post("/works/wait", response_model=S.Statuses)
 async def wait_works(body: WaitIn, ident: Ident, st: St) -> FastJSON:
     """Long-poll: uid → status as soon as one work's status differs from ``known``, all are final, or ``timeout``
     seconds passed (``xw wait`` asks again until its own deadline)."""
     uids = [c.ref(u, "works") for u in body.works]
     known = {c.ref(k, "known"): v for k, v in body.known.items()}
-    deadline = time.monotonic() + body.timeout
+    deadline = time.monotonic() + min(body.timeout, st.config.max_wait)
     while True:
         last = time.monotonic()
         status = await st.db.run(works.statuses, ident, uids)
@@ -148,13 +161,13 @@ async def wait_works(body: WaitIn, ident: Ident, st: St) -> FastJSON:
             await asyncio.sleep(pause)  # a rate limit, not a synchronisation: the next read happens regardless
 
 
-@router.get("/works/{uid}")
-async def get_work(uid: str, ident: Ident, st: St) -> FastJSON:
+@router.get("/works/{uid:uid}", response_model=S.Work)
+async def get_work(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     return FastJSON(await st.db.run(works.get, ident, c.ref(uid, "uid"), st.name))
 
 
-@router.get("/works/{uid}/why")
-async def why(uid: str, ident: Ident, st: St) -> FastJSON:
+@router.get("/works/{uid:uid}/why", response_model=S.Why)
+async def why(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     """Why is this work pending: per requirement, how many registered hosts satisfy it."""
     from xwhep.server.hosts import all_profiles
 
@@ -173,8 +186,8 @@ async def why(uid: str, ident: Ident, st: St) -> FastJSON:
 _why_slots: anyio.CapacityLimiter | None = None
 
 
-@router.get("/works/{uid}/tasks")
-async def work_tasks(uid: str, ident: Ident, st: St) -> FastJSON:
+@router.get("/works/{uid:uid}/tasks", response_model=list[S.Task])
+async def work_tasks(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     def run(conn: Any) -> list[dict[str, Any]]:
         c.load_checked(conn, ident, "work", c.ref(uid, "uid"), Action.READ)
         rows = conn.execute(sa.select(s.tasks).where(s.tasks.c.work == c.ref(uid, "uid"))
@@ -184,15 +197,15 @@ async def work_tasks(uid: str, ident: Ident, st: St) -> FastJSON:
     return FastJSON(await st.db.run(run))
 
 
-@router.delete("/works/{uid}")
-async def delete_work(uid: str, ident: Ident, st: St) -> FastJSON:
+@router.delete("/works/{uid:uid}", response_model=S.Deleted)
+async def delete_work(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     eff = await st.db.run(works.delete, ident, c.ref(uid, "uid"))
     eff.apply(st)
     return FastJSON({"deleted": c.ref(uid, "uid")})
 
 
-@router.post("/works/{uid}/cancel")
-async def cancel_work(uid: str, ident: Ident, st: St) -> FastJSON:
+@router.post("/works/{uid:uid}/cancel", response_model=S.Work)
+async def cancel_work(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     eff = await st.db.run(works.cancel, ident, c.ref(uid, "uid"))
     eff.apply(st)
     return FastJSON(await st.db.run(works.get, ident, c.ref(uid, "uid"), st.name))
@@ -200,15 +213,15 @@ async def cancel_work(uid: str, ident: Ident, st: St) -> FastJSON:
 
 # -- datas -------------------------------------------------------------------------------------------------------
 
-@router.post("/datas", status_code=201)
+@router.post("/datas", status_code=201, response_model=S.Data)
 async def create_data(body: DataSpec, ident: Ident, st: St) -> FastJSON:
     out, eff = await st.db.run(datas.create, ident, dump(body), st.name, st.store.exists)
     eff.apply(st)
     return FastJSON(out, status_code=201)
 
 
-@router.put("/datas/{uid}/content")
-async def upload(uid: str, request: Request, ident: Ident, st: St) -> FastJSON:
+@router.put("/datas/{uid:uid}/content", response_model=S.Data)
+async def upload(uid: UidPath, request: Request, ident: Ident, st: St) -> FastJSON:
     """Stream the bytes; they are hashed on the way and committed only when size and sha256 match."""
     uid = c.ref(uid, "uid")
     row = await st.db.run(datas.check_upload, ident, uid)
@@ -218,7 +231,10 @@ async def upload(uid: str, request: Request, ident: Ident, st: St) -> FastJSON:
     size = row["size"]
     if size is None and request.headers.get("content-length"):
         size = int(request.headers["content-length"])
-    staged = st.store.begin()
+    try:
+        staged = st.store.begin()
+    except OSError as exc:
+        raise _full(exc) from exc
     try:
         async for chunk in request.stream():
             staged.write(chunk)
@@ -226,11 +242,16 @@ async def upload(uid: str, request: Request, ident: Ident, st: St) -> FastJSON:
         st.store.abort(staged)
         raise bad_request(f"upload of data {uid} interrupted after {staged.size} bytes; nothing stored",
                           "content") from None
+    except OSError as exc:
+        st.store.abort(staged)  # the bytes written so far are freed at once
+        raise _full(exc) from exc
     except BaseException:
         st.store.abort(staged)
         raise
     try:
         sha, n = st.store.commit(staged, size, declared)
+    except OSError as exc:
+        raise _full(exc) from exc
     except StoreError as exc:
         await st.db.run(c.event, ident.uid, "data.upload.refused", uid, None, None, str(exc))
         raise bad_request(f"content: {exc}; data {uid} stays UNAVAILABLE", "content") from None
@@ -239,39 +260,68 @@ async def upload(uid: str, request: Request, ident: Ident, st: St) -> FastJSON:
     return FastJSON(c.render(out, st.name))
 
 
+def _full(exc: OSError) -> Exception:
+    """A blob store write that failed: 507 naming the content when the storage is full; anything else as it was."""
+    why = storage_full(exc)
+    if why is None:
+        return exc
+    log.error("storage full: data upload: %s", why)
+    return storage_full_error(why, "content")
+
+
 class BlobResponse(FileResponse):
     """A blob's bytes (Range and all, as Starlette serves files), read 1 MiB at a time instead of 64 KiB: each read
     is a hop to a worker thread, and at 64 KiB the hops cost the server more CPU than TLS (2.4 → 1.1 ms per MiB
-    sent, measured on 512 MiB)."""
+    sent, measured on 512 MiB). A Range it cannot serve is answered in the API's JSON error form (Starlette's own
+    answer is text/plain)."""
 
     chunk_size = 1024 * 1024
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope)
+        wanted, if_range = headers.get("range"), headers.get("if-range")
+        if (wanted is not None and self.stat_result is not None and scope["method"] in ("GET", "HEAD")
+                and (if_range is None or self._should_use_range(if_range))):
+            size = self.stat_result.st_size
+            try:
+                self._parse_range_header(wanted, size)
+            except MalformedRangeHeader as exc:
+                await FastJSON({"error": f"Range: {exc.content}", "field": "Range"}, 400)(scope, receive, send)
+                return
+            except RangeNotSatisfiable:
+                await FastJSON({"error": f"Range: {wanted} is outside the {size} bytes of this data",
+                                "field": "Range"}, 416, {"Content-Range": f"bytes */{size}"})(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
-@router.get("/datas/{uid}/content")
-async def download(uid: str, ident: Ident, st: St) -> FileResponse:
+
+@router.get("/datas/{uid:uid}/content", response_class=BlobResponse)
+async def download(uid: UidPath, ident: Ident, st: St) -> FileResponse:
     """The bytes, with HTTP Range support (resume); ``X-Xw-Sha256`` carries the checksum."""
     row = await st.db.run(datas.check_download, ident, c.ref(uid, "uid"))
     path = st.store.path(row["sha256"])
-    if not path.exists():
-        raise ApiError(410, f"data {uid}: content missing from the store", "content")
-    return BlobResponse(path, media_type="application/octet-stream", filename=row["name"],
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise ApiError(410, f"data {uid}: content missing from the store", "content") from None
+    return BlobResponse(path, media_type="application/octet-stream", filename=row["name"], stat_result=stat,
                         headers={"X-Xw-Sha256": row["sha256"], "ETag": f'"{row["sha256"]}"'})
 
 
-@router.get("/datas")
+@router.get("/datas", response_model=list[S.Data])
 async def list_datas(ident: Ident, st: St, limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
-                     after: str = "") -> FastJSON:
+                     after: Annotated[str, Query(max_length=64)] = "") -> FastJSON:
     return FastJSON(await st.db.run(datas.listing, ident, st.name, limit, after))
 
 
-@router.get("/datas/{uid}")
-async def get_data(uid: str, ident: Ident, st: St) -> FastJSON:
+@router.get("/datas/{uid:uid}", response_model=S.Data)
+async def get_data(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     row = await st.db.run(c.load_checked, ident, "data", c.ref(uid, "uid"), Action.READ)
     return FastJSON(c.render(row, st.name))
 
 
-@router.delete("/datas/{uid}")
-async def delete_data(uid: str, ident: Ident, st: St) -> FastJSON:
+@router.delete("/datas/{uid:uid}", response_model=S.Deleted)
+async def delete_data(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     eff = await st.db.run(datas.delete, ident, c.ref(uid, "uid"))
     eff.apply(st)
     return FastJSON({"deleted": c.ref(uid, "uid")})
@@ -279,30 +329,35 @@ async def delete_data(uid: str, ident: Ident, st: St) -> FastJSON:
 
 # -- apps --------------------------------------------------------------------------------------------------------
 
-@router.post("/apps", status_code=201)
+@router.post("/apps", status_code=201, response_model=S.App)
 async def put_app(body: AppSpec, ident: Ident, st: St) -> FastJSON:
     return FastJSON(await st.db.run(apps.put, ident, dump(body), st.name), status_code=201)
 
 
-@router.get("/apps")
+@router.get("/apps", response_model=list[S.App])
 async def list_apps(ident: Ident, st: St) -> FastJSON:
     return FastJSON(await st.db.run(apps.listing, ident, st.name))
 
 
-@router.get("/apps/{ref}")
-async def get_app(ref: str, ident: Ident, st: St) -> FastJSON:
+@router.get("/apps/{ref}", response_model=S.App)
+async def get_app(ref: AppRef, ident: Ident, st: St) -> FastJSON:
     return FastJSON(c.render(await st.db.run(apps.resolve, ident, ref), st.name))
 
 
-@router.delete("/apps/{uid}")
-async def delete_app(uid: str, ident: Ident, st: St) -> FastJSON:
-    await st.db.run(apps.delete, ident, c.ref(uid, "uid"))
-    return FastJSON({"deleted": c.ref(uid, "uid")})
+@router.delete("/apps/{ref}", response_model=S.Deleted)
+async def delete_app(ref: AppRef, ident: Ident, st: St) -> FastJSON:
+    """Remove an app (by name, uid or URI, as ``GET /apps/{ref}``)."""
+    def run(conn: Any) -> str:
+        uid = str(apps.resolve(conn, ident, ref)["uid"])
+        apps.delete(conn, ident, uid)
+        return uid
+
+    return FastJSON({"deleted": await st.db.run(run)})
 
 
 # -- users and groups ----------------------------------------------------------------------------------------------
 
-@router.post("/users", status_code=201)
+@router.post("/users", status_code=201, response_model=S.User)
 async def create_user(body: UserSpec, ident: Ident, st: St) -> FastJSON:
     spec = dump(body)
     if "password" in spec:  # argon2 is slow on purpose: keep it off the event loop
@@ -310,13 +365,13 @@ async def create_user(body: UserSpec, ident: Ident, st: St) -> FastJSON:
     return FastJSON(await st.db.run(users.create_user, ident, spec, st.name), status_code=201)
 
 
-@router.get("/users")
+@router.get("/users", response_model=list[S.User])
 async def list_users(ident: Ident, st: St) -> FastJSON:
     return FastJSON(await st.db.run(users.listing, ident, st.name))
 
 
-@router.delete("/users/{uid}")
-async def delete_user(uid: str, ident: Ident, st: St) -> FastJSON:
+@router.delete("/users/{uid:uid}", response_model=S.Deleted)
+async def delete_user(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     hosts, eff = await st.db.run(users.delete_user, ident, c.ref(uid, "uid"))
     st.revocations.forget(c.ref(uid, "uid"))  # its unexpired tokens stop working now, not in an hour
     for host in hosts:
@@ -327,23 +382,23 @@ async def delete_user(uid: str, ident: Ident, st: St) -> FastJSON:
 
 # -- mandates (a user lets a MANDATED_USER act on its behalf: X-Xw-On-Behalf-Of) -------------------------------
 
-@router.post("/mandates", status_code=201)
-async def grant_mandate(body: Annotated[dict[str, Any], Body()], ident: Ident, st: St) -> FastJSON:
+@router.post("/mandates", status_code=201, response_model=S.Mandate)
+async def grant_mandate(body: MandateIn, ident: Ident, st: St) -> FastJSON:
     """``{"mandatary": LOGIN|UID, "expires_in": seconds?, "mandator": LOGIN|UID?}`` (mandator: administrators
     only; default the caller). Granting again renews the mandate."""
     if ident.via is not None:  # a mandate is given by its mandator in person, never through another mandate
         raise ApiError(403, "a mandated request cannot give mandates")
-    return FastJSON(await st.db.run(mandates.grant, ident, body, st.name), status_code=201)
+    return FastJSON(await st.db.run(mandates.grant, ident, dump(body), st.name), status_code=201)
 
 
-@router.get("/mandates")
+@router.get("/mandates", response_model=list[S.Mandate])
 async def list_mandates(ident: Ident, st: St) -> FastJSON:
     """The mandates the caller gave or holds (administrators: all)."""
     return FastJSON(await st.db.run(mandates.listing, ident, st.name))
 
 
-@router.delete("/mandates/{uid}")
-async def revoke_mandate(uid: str, ident: Ident, st: St) -> FastJSON:
+@router.delete("/mandates/{uid:uid}", response_model=S.Deleted)
+async def revoke_mandate(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     """End a mandate at once (its mandator, its mandatary, or an administrator)."""
     if ident.via is not None:
         raise ApiError(403, "a mandated request cannot revoke mandates")
@@ -351,8 +406,8 @@ async def revoke_mandate(uid: str, ident: Ident, st: St) -> FastJSON:
     return FastJSON({"deleted": c.ref(uid, "uid")})
 
 
-@router.post("/users/{uid}/password")
-async def set_password(uid: str, body: PasswordIn, ident: Ident, st: St) -> FastJSON:
+@router.post("/users/{uid:uid}/password", response_model=S.Updated)
+async def set_password(uid: UidPath, body: PasswordIn, ident: Ident, st: St) -> FastJSON:
     if ident.via is not None:  # credentials stay in their owner's hands, whatever the mandate
         raise ApiError(403, "a mandated request cannot change passwords")
     hashed = await anyio.to_thread.run_sync(hash_password, users.check_password(body.password))  # slow on purpose
@@ -361,8 +416,8 @@ async def set_password(uid: str, body: PasswordIn, ident: Ident, st: St) -> Fast
     return FastJSON({"updated": c.ref(uid, "uid")})
 
 
-@router.post("/users/{uid}/revoke")
-async def revoke_tokens(uid: str, ident: Ident, st: St) -> FastJSON:
+@router.post("/users/{uid:uid}/revoke", response_model=S.Revoked)
+async def revoke_tokens(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     """End every session of a user at once: its tokens issued until now are refused (durably)."""
     if ident.via is not None:
         raise ApiError(403, "a mandated request cannot end sessions")
@@ -371,12 +426,12 @@ async def revoke_tokens(uid: str, ident: Ident, st: St) -> FastJSON:
     return FastJSON({"revoked": c.ref(uid, "uid")})
 
 
-@router.post("/usergroups", status_code=201)
+@router.post("/usergroups", status_code=201, response_model=S.UserGroup)
 async def create_usergroup(body: GroupSpec, ident: Ident, st: St) -> FastJSON:
     return FastJSON(await st.db.run(users.create_group, ident, dump(body), st.name), status_code=201)
 
 
-@router.get("/usergroups")
+@router.get("/usergroups", response_model=list[S.UserGroup])
 async def list_usergroups(ident: Ident, st: St) -> FastJSON:
     return FastJSON(await st.db.run(users.list_groups, ident, st.name))
 
@@ -390,14 +445,17 @@ def _bag_routes(kind: str) -> None:
     async def listing(ident: Ident, st: St) -> FastJSON:
         return FastJSON(await st.db.run(bags.listing, ident, kind, st.name))
 
-    async def delete(uid: str, ident: Ident, st: St) -> FastJSON:
+    async def delete(uid: UidPath, ident: Ident, st: St) -> FastJSON:
         eff = await st.db.run(bags.delete, ident, kind, c.ref(uid, "uid"))
         eff.apply(st)
         return FastJSON({"deleted": c.ref(uid, "uid")})
 
-    router.add_api_route(f"/{kind}s", create, methods=["POST"], status_code=201, name=f"create_{kind}")
-    router.add_api_route(f"/{kind}s", listing, methods=["GET"], name=f"list_{kind}s")
-    router.add_api_route(f"/{kind}s/{{uid}}", delete, methods=["DELETE"], name=f"delete_{kind}")
+    model = S.Session if kind == "session" else S.Group
+    router.add_api_route(f"/{kind}s", create, methods=["POST"], status_code=201, name=f"create_{kind}",
+                         response_model=model)
+    router.add_api_route(f"/{kind}s", listing, methods=["GET"], name=f"list_{kind}s", response_model=list[model])
+    router.add_api_route(f"/{kind}s/{{uid:uid}}", delete, methods=["DELETE"], name=f"delete_{kind}",
+                         response_model=S.Deleted)
 
 
 _bag_routes("session")
@@ -414,8 +472,8 @@ def _find(conn: Any, uid: str) -> tuple[str, dict[str, Any]]:
     raise ApiError(404, f"no object {uid}")
 
 
-@router.get("/objects/{uid}")
-async def get_object(uid: str, ident: Ident, st: St) -> FastJSON:
+@router.get("/objects/{uid:uid}", response_model=S.AnyObject)
+async def get_object(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     """Any object by uid or URI, with its kind."""
     def run(conn: Any) -> dict[str, Any]:
         kind, row = _find(conn, c.ref(uid, "uid"))
@@ -426,8 +484,8 @@ async def get_object(uid: str, ident: Ident, st: St) -> FastJSON:
     return FastJSON(await st.db.run(run))
 
 
-@router.post("/objects/{uid}/chmod")
-async def chmod(uid: str, body: ChmodIn, ident: Ident, st: St) -> FastJSON:
+@router.post("/objects/{uid:uid}/chmod", response_model=S.Chmodded)
+async def chmod(uid: UidPath, body: ChmodIn, ident: Ident, st: St) -> FastJSON:
     """Change access rights: ``0x755``, ``755`` (octal digits as meant) or symbolic ``go-rwx``."""
     def run(conn: Any) -> dict[str, Any]:
         kind, row = _find(conn, c.ref(uid, "uid"))
@@ -453,8 +511,8 @@ async def chmod(uid: str, body: ChmodIn, ident: Ident, st: St) -> FastJSON:
     return FastJSON(await st.db.run(run))
 
 
-@router.get("/events")
-async def list_events(ident: Ident, st: St, object: str | None = None,
+@router.get("/events", response_model=list[S.Event])
+async def list_events(ident: Ident, st: St, object: RefQuery = None,
                       limit: Annotated[int, Query(ge=1, le=100_000)] = 1000) -> FastJSON:
     """The event log: an object's history (for its readers), or everything (administrators)."""
     def run(conn: Any) -> list[dict[str, Any]]:

@@ -16,8 +16,18 @@ from fastapi import APIRouter, Depends, Request
 from xwhep.core.matching import HostProfile
 from xwhep.core.model import TaskStatus
 from xwhep.server import hosts as hostcache
+from xwhep.server.api import schemas as S
 from xwhep.server.api.deps import FastJSON, identity, state_dep
-from xwhep.server.api.models import AliveIn, HostLoginIn, HostSpec, ReportsIn, RequestIn, SyncIn, dump
+from xwhep.server.api.models import (
+    AliveIn,
+    HostLoginIn,
+    HostSpec,
+    ReportsIn,
+    RequestIn,
+    SyncIn,
+    UidPath,
+    dump,
+)
 from xwhep.server.auth import Identity
 from xwhep.server.db import schema as s
 from xwhep.server.errors import ApiError
@@ -30,7 +40,7 @@ Ident = Annotated[Identity, Depends(identity)]
 St = Annotated[ServerState, Depends(state_dep)]
 
 
-@router.post("/hosts", status_code=201)
+@router.post("/hosts", status_code=201, response_model=S.HostRegistered)
 async def register(body: HostSpec, ident: Ident, st: St) -> FastJSON:
     """Register a host with its description and sharings, or refresh the caller's host (``uid`` with its
     ``key``). A new host's answer carries its ``key`` (shown once: keep it) and, always, a ``token``
@@ -46,7 +56,7 @@ async def register(body: HostSpec, ident: Ident, st: St) -> FastJSON:
     return FastJSON(out, status_code=201)
 
 
-@router.post("/auth/host", tags=["public"])
+@router.post("/auth/host", tags=["public"], response_model=S.HostToken)
 async def host_login(body: HostLoginIn, request: Request, st: St) -> FastJSON:
     """A host's token from its key (issued at registration): how a worker renews its token after it expired or
     after a restart. Failures are rate-limited per address (429 with Retry-After)."""
@@ -66,8 +76,8 @@ async def host_login(body: HostLoginIn, request: Request, st: St) -> FastJSON:
     return FastJSON({"token": token, "expires_in": ttl, "host": uid, "user": ident.uid, "level": ident.level.name})
 
 
-@router.delete("/hosts/{uid}")
-async def delete_host(uid: str, ident: Ident, st: St) -> FastJSON:
+@router.delete("/hosts/{uid:uid}", response_model=S.Deleted)
+async def delete_host(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     """Remove a host (its owner or an administrator): its key and tokens are refused at once, and the works it
     was running go back to PENDING (or ERROR past their retries) without waiting for the alive timeout."""
     uid = c.ref(uid, "uid")
@@ -77,7 +87,7 @@ async def delete_host(uid: str, ident: Ident, st: St) -> FastJSON:
     return FastJSON({"deleted": uid})
 
 
-@router.get("/hosts")
+@router.get("/hosts", response_model=list[S.Host])
 async def list_hosts(ident: Ident, st: St) -> FastJSON:
     def run(conn: Any) -> list[dict[str, Any]]:
         q = sa.select(s.hosts).order_by(s.hosts.c.name)
@@ -99,8 +109,8 @@ async def list_hosts(ident: Ident, st: St) -> FastJSON:
     return FastJSON(await st.db.run(run))
 
 
-@router.post("/hosts/{uid}/request")
-async def request_works(uid: str, body: RequestIn, ident: Ident, st: St) -> FastJSON:
+@router.post("/hosts/{uid:uid}/request", response_model=S.Assignments)
+async def request_works(uid: UidPath, body: RequestIn, ident: Ident, st: St) -> FastJSON:
     """Up to ``max`` matching works, waiting up to ``wait`` seconds for some to arrive (long-poll)."""
     uid = c.ref(uid, "uid")
     host, version = await hostcache.lookup(st, ident, uid)
@@ -204,8 +214,8 @@ def _set_active(st: ServerState, uid: str, active: bool) -> None:
         st.scheduler.notify()
 
 
-@router.post("/hosts/{uid}/alive")
-async def alive(uid: str, body: AliveIn, ident: Ident, st: St) -> FastJSON:
+@router.post("/hosts/{uid:uid}/alive", response_model=S.AliveReply)
+async def alive(uid: UidPath, body: AliveIn, ident: Ident, st: St) -> FastJSON:
     """Per-host and per-task alive signal. The reply says, per task, continue or stop; it acknowledges results
     the server holds (the worker may drop them) and asks again for results it still misses."""
     return FastJSON(await alive_reply(st, ident, uid, body))
@@ -221,8 +231,8 @@ async def alive_reply(st: ServerState, ident: Identity, uid: str, body: AliveIn)
     return _alive_reply(st, uid, body.tasks, body.results, states)
 
 
-@router.post("/hosts/{uid}/sync")
-async def sync(uid: str, body: SyncIn, ident: Ident, st: St) -> FastJSON:
+@router.post("/hosts/{uid:uid}/sync", response_model=S.SyncReply)
+async def sync(uid: UidPath, body: SyncIn, ident: Ident, st: St) -> FastJSON:
     """A worker's whole round trip in one call and one transaction: ``reports`` (as ``/reports``), the alive
     part (``tasks``, ``results``, ``active`` as ``/alive``) and up to ``max`` new works, waiting up to ``wait``
     seconds for some (as ``/request``). The reply carries all three answers. This is the hot path: a worker
@@ -255,8 +265,8 @@ async def sync_reply(st: ServerState, ident: Identity, uid: str, body: SyncIn) -
     return out
 
 
-@router.post("/hosts/{uid}/reports")
-async def reports(uid: str, body: ReportsIn, ident: Ident, st: St) -> FastJSON:
+@router.post("/hosts/{uid:uid}/reports", response_model=S.ReportOutcomes)
+async def reports(uid: UidPath, body: ReportsIn, ident: Ident, st: St) -> FastJSON:
     """Finished tasks. Outcome per task: ``done``; ``upload`` (send the result bytes to data ``result``);
     ``stale`` (the attempt no longer counts: the work was reassigned, removed, or this is not your task)."""
     uid = c.ref(uid, "uid")

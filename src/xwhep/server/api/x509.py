@@ -18,8 +18,9 @@ from pydantic import Field
 from sqlalchemy.engine import Connection
 
 from xwhep.core.model import UsageLevel
+from xwhep.server.api import schemas as S
 from xwhep.server.api.deps import FastJSON, state_dep
-from xwhep.server.api.models import Strict
+from xwhep.server.api.models import Strict, Unicode
 from xwhep.server.auth import Identity
 from xwhep.server.db import schema as s
 from xwhep.server.errors import ApiError
@@ -33,13 +34,13 @@ St = Annotated[ServerState, Depends(state_dep)]
 
 
 class X509LoginIn(Strict):
-    chain: list[Annotated[str, Field(max_length=MAX_PEM)]] = Field(min_length=1, max_length=MAX_CHAIN)
-    nonce: str = Field(max_length=64)
-    audience: str = Field(max_length=255)
-    signature: str = Field(max_length=4096)
+    chain: list[Annotated[str, Unicode(MAX_PEM)]] = Field(min_length=1, max_length=MAX_CHAIN)
+    nonce: Annotated[str, Unicode(64)]
+    audience: Annotated[str, Unicode(255)]
+    signature: Annotated[str, Unicode(4096)]
 
 
-@router.post("/auth/x509/challenge", tags=["public"])
+@router.post("/auth/x509/challenge", tags=["public"], response_model=S.Nonce)
 async def challenge(st: St) -> FastJSON:
     """A single-use nonce to sign for ``POST /auth/x509`` (valid ``expires_in`` seconds)."""
     if st.x509.ca() is None:
@@ -50,7 +51,7 @@ async def challenge(st: St) -> FastJSON:
     return FastJSON({"nonce": nonce, "expires_in": st.x509.nonces.ttl})
 
 
-@router.post("/auth/x509", tags=["public"])
+@router.post("/auth/x509", tags=["public"], response_model=S.X509Token)
 async def login_x509(body: X509LoginIn, request: Request, st: St) -> FastJSON:
     """Log in with a certificate (or an RFC 3820 proxy of one): ``chain`` leaf first, ``signature`` (base64) by
     the leaf's key over ``xwhep-x509-login\\0<audience>\\0<nonce>``, ``audience`` the server host name."""

@@ -120,6 +120,8 @@ def delete_user(conn: Connection, ident: Identity, uid: str) -> tuple[list[str],
     if not ident.is_admin and not (ident.level == UsageLevel.ADVANCED_USER and row["usergroup"] == ident.usergroup
                                    and row["uid"] != ident.uid):
         raise ApiError(404, f"no user {uid}")
+    if row["uid"] == ident.uid:  # an administrator locking itself out (perhaps the last one): another one may
+        raise conflict("uid: an account cannot delete itself; another administrator can", "uid")
     eff = Effects()
     hosts = list(conn.execute(sa.select(s.hosts.c.uid).where(s.hosts.c.owner == uid)).scalars())
     for host in hosts:
