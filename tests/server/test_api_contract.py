@@ -40,13 +40,18 @@ def http(srv: ServerProc) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def host(srv: ServerProc) -> str:
-    return SdkWorker(srv.client("worker")).host
+def registration(srv: ServerProc) -> dict[str, Any]:
+    return SdkWorker(srv.client("worker")).registration
 
 
 @pytest.fixture(scope="module")
-def worker_http(srv: ServerProc) -> Iterator[httpx.Client]:
-    token = srv.client("worker").login()
+def host(registration: dict[str, Any]) -> str:
+    return str(registration["uid"])
+
+
+@pytest.fixture(scope="module")
+def worker_http(srv: ServerProc, registration: dict[str, Any]) -> Iterator[httpx.Client]:
+    token = registration["token"]  # host calls need the host's own token
     with httpx.Client(verify=ssl.create_default_context(cafile=str(srv.ca)), base_url=srv.url,
                       headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
         yield c

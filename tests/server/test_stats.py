@@ -67,8 +67,11 @@ def test_summaries_count_only_what_the_caller_may_read(make_server: Callable[...
     assert sum(h["finished"]["COMPLETED"]) == 2 and sum(h["finished"]["ERROR"]) == 1
     hb = bob._json("GET", "/stats/history", params={"window": 600, "step": 5})
     assert sum(hb["finished"]["COMPLETED"]) == 0 and sum(v[-1] for v in hb["status"].values()) == 1
+    day = alice._json("GET", "/stats/history", params={"window": 86400, "step": 1})
+    assert day["step"] == 87 and len(day["times"]) <= 1000  # at most 1,000 buckets: the step used says so
+    assert sum(day["finished"]["COMPLETED"]) == 2
     with pytest.raises(XwError) as bad:
-        alice._json("GET", "/stats/history", params={"window": 86400, "step": 1})
+        alice._json("GET", "/stats/history", params={"window": 600, "step": 0.5})
     assert bad.value.status == 400 and bad.value.field == "step"
 
     rec = admin._json("GET", f"/hosts/{w.host}/stats")

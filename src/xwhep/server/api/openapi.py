@@ -38,7 +38,7 @@ ERRORS = {
     503: "Temporarily unable (e.g. no CA for X.509 login, too many streams): retry later",
     507: "The server's storage is full: nothing was stored; retry later",
 }
-LOGINS = {"/api/v1/auth/login", "/api/v1/auth/x509"}
+LOGINS = {"/api/v1/auth/login", "/api/v1/auth/x509", "/api/v1/auth/host"}
 
 
 def _errors_for(path: str, method: str, op: dict[str, Any]) -> list[int]:

@@ -247,3 +247,58 @@ class Error(BaseModel):
     error: str
     field: str | None
     details: list[dict[str, Any]] | None = None
+
+
+# -- summaries (api/stats.py) --------------------------------------------------------------------------------------
+
+class HostsSeen(Out):
+    registered: int
+    alive: int
+    cores_alive: int
+
+
+class Stats(Out):
+    """The caller's works by status, its bags' progress and the hosts it sees."""
+
+    time: str
+    works: dict[str, int]
+    total: int
+    bags: list[dict[str, Any]]
+    hosts: HostsSeen
+
+
+class StatsHistory(Out):
+    """Works by status over a window (epoch seconds), and per bucket how many reached each final status."""
+
+    start: float
+    step: float
+    times: list[float]
+    status: dict[str, list[int]]
+    finished: dict[str, list[int]]
+    now: float
+
+
+class HostRecord(Out):
+    """What a host did: its tasks by status, the time they ran, its latest tasks."""
+
+    host: Host  # type: ignore[valid-type]
+    tasks: dict[str, int]
+    done: int
+    failed: int
+    interrupted: int
+    run_seconds: float
+    recent: list[Task]  # type: ignore[valid-type]
+    time: str
+
+
+class WorkLogs(Out):
+    """The end of a work's captured stdout and stderr (``stdout``/``stderr``: name, text, size, truncated), the
+    names in its result, or a ``note`` saying why there is nothing."""
+
+
+class TunnelStats(Out):
+    """The caller's server proxies connected now and its works' relayed streams (administrators: the relay's
+    counters too)."""
+
+    proxies: list[dict[str, Any]]
+    works: list[dict[str, Any]]

@@ -9,7 +9,9 @@ from typing import Annotated, Any
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Query
 
+from xwhep.server.api import schemas as S
 from xwhep.server.api.deps import FastJSON, identity, state_dep
+from xwhep.server.api.models import UidPath
 from xwhep.server.auth import Identity
 from xwhep.server.services import common as c
 from xwhep.server.services import logs, stats
@@ -20,7 +22,7 @@ Ident = Annotated[Identity, Depends(identity)]
 St = Annotated[ServerState, Depends(state_dep)]
 
 
-@router.get("/stats")
+@router.get("/stats", response_model=S.Stats)
 async def summary(ident: Ident, st: St, group: str | None = None, label: str | None = None,
                   session: str | None = None, by: Annotated[str | None, Query(pattern="^label$")] = None
                   ) -> FastJSON:
@@ -31,30 +33,31 @@ async def summary(ident: Ident, st: St, group: str | None = None, label: str | N
                                     session, by == "label"))
 
 
-@router.get("/stats/history")
-async def history(ident: Ident, st: St, window: Annotated[float, Query(gt=0)] = 900.0,
-                  step: Annotated[float, Query(gt=0)] = 10.0, group: str | None = None,
+@router.get("/stats/history", response_model=S.StatsHistory)
+async def history(ident: Ident, st: St, window: Annotated[float, Query(ge=1, le=7 * 86400)] = 900.0,
+                  step: Annotated[float, Query(ge=1, le=3600)] = 10.0, group: str | None = None,
                   label: str | None = None, session: str | None = None) -> FastJSON:
     """Works by status over the last ``window`` seconds in ``step`` buckets, and per bucket how many reached each
-    final status (throughput). Times are epoch seconds."""
+    final status (throughput). Times are epoch seconds. At most 1,000 buckets: a longer window is answered with a
+    longer step (the answer's ``step``)."""
     return FastJSON(await st.db.run(stats.history, ident, window, step, group, label, session))
 
 
-@router.get("/hosts/{uid}/stats")
-async def host_record(uid: str, ident: Ident, st: St) -> FastJSON:
+@router.get("/hosts/{uid:uid}/stats", response_model=S.HostRecord)
+async def host_record(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     """A host's record (its owner, administrators): tasks by status, time run, latest tasks."""
     return FastJSON(await st.db.run(stats.host_record, ident, c.ref(uid, "uid"), st.name))
 
 
-@router.get("/works/{uid}/logs")
-async def work_logs(uid: str, ident: Ident, st: St) -> FastJSON:
+@router.get("/works/{uid:uid}/logs", response_model=S.WorkLogs)
+async def work_logs(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     """The end of a work's captured stdout and stderr, and the names in its result."""
     where = await st.db.run(logs.locate, ident, c.ref(uid, "uid"))
     path = st.store.path(where["sha256"]) if where.get("sha256") else None
     return FastJSON(await anyio.to_thread.run_sync(logs.read, where, path))
 
 
-@router.get("/stats/tunnels")
+@router.get("/stats/tunnels", response_model=S.TunnelStats)
 async def tunnels(ident: Ident, st: St) -> FastJSON:
     """The caller's open tunnels: its server proxies connected now and the relayed streams of its works
     (administrators: everyone's, and the relay's counters)."""
