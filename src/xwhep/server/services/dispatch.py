@@ -109,8 +109,8 @@ def _check_quota(conn: Connection, ident: Identity, max_hosts: int | None) -> No
     n = conn.execute(sa.select(sa.func.count()).select_from(s.hosts).where(s.hosts.c.owner == ident.uid)).scalar()
     if n >= max_hosts:
         raise ApiError(403, f"hosts: {ident.login} already owns {n} hosts, at most {max_hosts} per user "
-                            "(max_hosts_per_user); re-register an existing host (its uid and key) or ask an administrator",
-                       "hosts")
+                            "(max_hosts_per_user); re-register an existing host (its uid and key) or ask an "
+                            "administrator", "hosts")
 
 
 def host_profile(row: Mapping[str, Any], ident_level: Any, ident_group: str | None) -> HostProfile:
