@@ -7,6 +7,7 @@ connection problems with a readable text; never a bare HTTP exception.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import ssl
 import tempfile
@@ -496,6 +497,66 @@ class Client:
                     return status
         return status
 
+    def wait_bag(self, group: str | None = None, label: str | None = None, timeout: float | None = None,
+                 on_change: Callable[[dict[str, int]], None] | None = None) -> dict[str, int]:
+        """Block until every work of ``group`` (uid or URI) or with ``label`` is final, or ``timeout``; returns
+        status → count (the works the caller reads). Empty when there are none. A long-poll on the counts: one
+        request per change, whatever the number of works."""
+        body: dict[str, Any] = {"group": uid_of(group)} if group else {"label": label}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        counts: dict[str, int] | None = None
+        while True:
+            left = 30.0 if deadline is None else max(0.0, min(30.0, deadline - time.monotonic()))
+            reply = self._json("POST", "/works/wait", json={**body, "known_counts": counts or {}, "timeout": left},
+                               timeout=httpx.Timeout(left + 30.0, connect=15.0))
+            if reply["counts"] != counts and on_change:
+                on_change(reply["counts"])
+            counts = reply["counts"]
+            if reply["final"] or (deadline is not None and time.monotonic() >= deadline):
+                return counts
+
+    def follow_events(self, ref: str | None = None, action: str | None = None, group: str | None = None,
+                      label: str | None = None, after: int | None = None,
+                      on_notice: Callable[[str, dict[str, Any]], None] | None = None) -> Iterator[dict[str, Any]]:
+        """The events the caller may see, as the server commits them (``GET /events/stream``, Server-Sent
+        Events), for as long as the caller iterates. Each is rendered as :meth:`events` renders them, plus its
+        ``id``. Filters: an object, an action prefix, a group or a label (events on its works). ``after``: start
+        after this event id (replayed from the log). A broken stream is reopened after the last event seen
+        (``Last-Event-ID``), with back-off; ``on_notice(kind, data)`` hears of it (``reconnect``), of events not
+        replayed (``gap``) and of the server ending the stream (``end``)."""
+        params = {k: v for k, v in {"object": uid_of(ref) if ref else None, "action": action,
+                                    "group": uid_of(group) if group else None, "label": label}.items()
+                  if v is not None}
+        last, pause, relogged = after, 0.5, False
+        while True:
+            headers = self._auth_header()
+            if last is not None:
+                headers["Last-Event-ID"] = str(last)
+            try:
+                with self.http.stream("GET", self.base + "/events/stream", params=params, headers=headers,
+                                      timeout=httpx.Timeout(15.0, read=60.0)) as r:
+                    if r.status_code == 401 and not relogged and self._login_method():
+                        self._token, relogged = None, True  # expired: log in again once
+                        continue
+                    if r.status_code >= 400:
+                        r.read()
+                        raise _error(r)
+                    relogged, pause = False, 0.5
+                    for kind, ident, data in _sse(r.iter_lines()):
+                        if kind in ("gap", "end"):
+                            if on_notice:
+                                on_notice(kind, json.loads(data))
+                            continue
+                        event = json.loads(data)
+                        if ident is not None:
+                            last = event["id"] = int(ident)
+                        yield event
+            except httpx.TransportError as exc:
+                if on_notice:
+                    on_notice("reconnect", {"reason": _short(exc), "after": last})
+            time.sleep(pause)
+            pause = min(30.0, pause * 2)
+
     def fetch_result(self, ref: str, dest_dir: str | os.PathLike[str] = ".", progress: Progress | None = None) -> Path:
         """Download a completed work's result into ``dest_dir``; size and sha256 verified."""
         w = self.work(ref)
@@ -620,6 +681,27 @@ class Client:
                 raise _error(r)
             for chunk in r.iter_bytes():
                 f.write(chunk)
+
+
+def _sse(lines: Iterable[str]) -> Iterator[tuple[str, str | None, str]]:
+    """Server-Sent Events from text lines: (event name, id, data) each; comments and retry hints skipped."""
+    kind, ident, data = "message", None, []
+    for line in lines:
+        if not line:
+            if data:
+                yield kind, ident, "\n".join(data)
+            kind, ident, data = "message", None, []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "event":
+            kind = value
+        elif name == "id":
+            ident = value
+        elif name == "data":
+            data.append(value)
 
 
 def _short(exc: Exception) -> str:

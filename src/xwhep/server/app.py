@@ -18,7 +18,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from xwhep import __version__
 from xwhep.core.model import UsageLevel, WorkStatus
 from xwhep.server import hosts as hostcache
-from xwhep.server import revocation
+from xwhep.server import logs, revocation
+from xwhep.server.api import events as event_routes
+from xwhep.server.api import metrics as metrics_routes
 from xwhep.server.api import models, oidc, routes, worker
 from xwhep.server.api import relay as relay_routes
 from xwhep.server.api import x509 as x509_routes
@@ -163,6 +165,11 @@ def create_app(st: ServerState) -> FastAPI:
     app.include_router(oidc.router)
     app.include_router(x509_routes.router)
     app.include_router(relay_routes.router)
+    app.include_router(event_routes.router)
+    app.include_router(metrics_routes.router)
+    st.metrics.attach(st)  # counters of committed events, gauges at scrape time
+    st.db.listeners.append(logs.transition_lines)  # one INFO line per work transition
+    event_routes.bus_of(st)  # live event streams, woken after commits
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> FastJSON:
@@ -181,6 +188,7 @@ def create_app(st: ServerState) -> FastAPI:
         return FastJSON({"error": str(exc.detail), "field": None}, status_code=exc.status_code)
 
     app.add_middleware(BodyLimit, limit=st.config.max_json_body)  # type: ignore[arg-type]
+    app.add_middleware(logs.AccessLog, metrics=st.metrics)  # type: ignore[arg-type]
     return app
 
 

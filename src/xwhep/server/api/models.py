@@ -149,10 +149,14 @@ class Report(Strict):
 
 class WaitIn(Strict):
     """Long-poll on works' states: answers as soon as one differs from ``known`` (uid → status), all are final,
-    or ``timeout`` seconds passed."""
+    or ``timeout`` seconds passed. Instead of ``works``, a ``group`` (uid or URI) or a ``label``: every work of
+    it the caller reads, with ``known_counts`` (status → count) as known (api/bagwait.py)."""
 
-    works: list[str] = Field(min_length=1, max_length=10_000)
+    works: list[str] = Field(default_factory=list, max_length=10_000)
     known: dict[str, str] = Field(default_factory=dict)
+    group: str | None = None
+    label: Annotated[str | None, Field(max_length=255)] = None
+    known_counts: dict[str, int] = Field(default_factory=dict)
     timeout: float = Field(30.0, ge=0.0, le=600.0)
 
 

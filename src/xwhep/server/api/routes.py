@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
+from starlette.types import Message, Receive, Scope, Send
 
 from xwhep import __version__
 from xwhep.core.rights import Action, BadRights, format_rights, parse_rights
@@ -131,6 +132,12 @@ WAIT_INTERVAL = 0.2  # and at most this often (a thousand reports a second need 
 async def wait_works(body: WaitIn, ident: Ident, st: St) -> FastJSON:
     """Long-poll: uid → status as soon as one work's status differs from ``known``, all are final, or ``timeout``
     seconds passed (``xw wait`` asks again until its own deadline)."""
+    if body.group is not None or body.label is not None:
+        from xwhep.server.api.bagwait import wait_bag
+
+        return FastJSON(await wait_bag(body, ident, st))
+    if not body.works:
+        raise bad_request("works: give the works to wait for (or a group or a label)", "works")
     uids = [c.ref(u, "works") for u in body.works]
     known = {c.ref(k, "known"): v for k, v in body.known.items()}
     deadline = time.monotonic() + body.timeout
@@ -236,6 +243,7 @@ async def upload(uid: str, request: Request, ident: Ident, st: St) -> FastJSON:
         raise bad_request(f"content: {exc}; data {uid} stays UNAVAILABLE", "content") from None
     out, eff = await st.db.run(datas.mark_available, ident, uid, sha, n)
     eff.apply(st)
+    st.metrics.uploaded.inc(n)
     return FastJSON(c.render(out, st.name))
 
 
@@ -246,6 +254,23 @@ class BlobResponse(FileResponse):
 
     chunk_size = 1024 * 1024
 
+    def __init__(self, *args: Any, sent: Any = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.sent = sent  # a counter of the bytes sent (the transfer metrics)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        counter = self.sent
+        if counter is None:
+            await super().__call__(scope, receive, send)
+            return
+
+        async def counting(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body":
+                counter.inc(len(message.get("body", b"")))
+
+        await super().__call__(scope, receive, counting)
+
 
 @router.get("/datas/{uid}/content")
 async def download(uid: str, ident: Ident, st: St) -> FileResponse:
@@ -255,7 +280,8 @@ async def download(uid: str, ident: Ident, st: St) -> FileResponse:
     if not path.exists():
         raise ApiError(410, f"data {uid}: content missing from the store", "content")
     return BlobResponse(path, media_type="application/octet-stream", filename=row["name"],
-                        headers={"X-Xw-Sha256": row["sha256"], "ETag": f'"{row["sha256"]}"'})
+                        headers={"X-Xw-Sha256": row["sha256"], "ETag": f'"{row["sha256"]}"'},
+                        sent=st.metrics.downloaded)
 
 
 @router.get("/datas")

@@ -15,6 +15,7 @@ from xwhep.core.rights import Action, Owned, can, format_rights
 from xwhep.core.uri import BadUri, make_uri, to_uid
 from xwhep.server.auth import Identity
 from xwhep.server.db import schema as s
+from xwhep.server.db.raw import note_events
 from xwhep.server.errors import ApiError, bad_request
 
 _TIME_FIELDS = {"created", "modified", "pending_since", "started", "completed", "last_alive", "ended", "time"}
@@ -117,6 +118,7 @@ def event(conn: Connection, actor: str | None, action: str, obj: str | None, sou
     # parameters, not .values(...): literal values make SQLAlchemy build a new cache key per call
     conn.execute(_EVENT, {"time": now(), "actor": actor, "action": action, "object": obj, "source": source,
                           "target": target, "detail": detail})
+    note_events(conn, [(action, obj, source, target, detail, actor)])
 
 
 _EVENT = s.events.insert()
@@ -132,3 +134,5 @@ def events(conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
             for k in ("actor", "object", "source", "target", "detail"):
                 r.setdefault(k, None)
         conn.execute(s.events.insert(), batch)
+        note_events(conn, [(r["action"], r["object"], r["source"], r["target"], r["detail"], r["actor"])
+                           for r in batch])
