@@ -9,62 +9,19 @@ end). ``--log-level`` beats ``$XW_LOG``, which beats WARNING.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from xwhep.logsetup import LogSetupError, level_of, setup
 from xwhep.server.db.engine import EventRow
+
+__all__ = ["ACCESS", "WORKS", "AccessLog", "LogSetupError", "access_line", "level_of", "setup", "transition_lines"]
 
 ACCESS = logging.getLogger("xwhep.access")
 WORKS = logging.getLogger("xwhep.works")
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-PLAIN = "%(asctime)s %(levelname)s %(name)s %(message)s"
-
-
-class LogSetupError(ValueError):
-    """A log level that does not exist."""
-
-
-class JsonLines(logging.Formatter):
-    """One JSON object per line: ``ts`` (ISO 8601, UTC, ms), ``level``, ``logger``, ``msg`` and ``fields`` (what
-    the call passed as ``extra={"fields": {...}}``), plus ``exc`` with the traceback of an exception."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname, "logger": record.name, "msg": record.getMessage(),
-            "fields": getattr(record, "fields", None) or {},
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
-
-
-def level_of(level: str | None) -> str:
-    """The level to use: ``level`` if given, else ``$XW_LOG``, else WARNING (a clear error for a bad name)."""
-    name = (level or os.environ.get("XW_LOG") or "WARNING").strip().upper()
-    if name not in LEVELS:
-        source = "--log-level" if level else "XW_LOG"
-        raise LogSetupError(f"{source}: {name.lower()!r} is not one of {', '.join(x.lower() for x in LEVELS)}")
-    return name
-
-
-def setup(level: str | None = None, json_lines: bool = False) -> None:
-    """Send every xwhep log record to stderr, as plain or JSON lines, from ``level`` on (see :func:`level_of`)."""
-    name = level_of(level)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLines() if json_lines else logging.Formatter(PLAIN))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(name)
 
 
 # -- the server's lines -------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import logging
 import os
 import socket
 import sys
@@ -14,6 +13,7 @@ from typing import Any
 
 import uvicorn
 
+from xwhep.server import logs
 from xwhep.server.api.fastpath import FastPath
 from xwhep.server.app import create_app
 from xwhep.server.auth import Tokens
@@ -84,7 +84,10 @@ def _bind_relay(cfg: ServerConfig) -> socket.socket | None:
 
 def serve(cfg: ServerConfig) -> None:
     """Run the server until interrupted. Prints one ``ready`` line with the URL once it accepts requests."""
-    logging.basicConfig(level=os.environ.get("XW_LOG", "WARNING"), format="%(asctime)s %(name)s %(message)s")
+    try:
+        logs.setup(cfg.log_level, cfg.log_json)
+    except logs.LogSetupError as exc:
+        raise SystemExit(f"xwhep server: {exc}") from None
     cfg.load_settings()
     try:
         oidc = OidcVerifier(cfg.oidc)
