@@ -95,7 +95,7 @@ class Event:
     frame: bytes  # id, event and data lines, as sent
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity: streams live in a set
 class Stream:
     """One open stream: its caller, filters, and the frames waiting for its consumer."""
 
@@ -175,6 +175,11 @@ class EventBus:
             if self.per_user[stream.ident.uid] <= 0:
                 del self.per_user[stream.ident.uid]
 
+    def shutdown(self) -> None:
+        """The server is stopping: end every stream now (their clients reconnect to the next server)."""
+        for stream in list(self.streams):
+            self._drop(stream, "server stopping", "the server is stopping")
+
     def _drop(self, stream: Stream, reason: str, why: str) -> None:
         stream.ended = why
         stream.ready.set()
@@ -242,11 +247,11 @@ class EventBus:
                 for i in range(expect, min(r[0], expect + 10_000)):
                     self.missing[i] = until
                 expect = r[0] + 1
-        if rows:
-            self.hi = rows[-1][0]
         events = self._render(sorted([*late, *rows], key=lambda r: int(r[0])))
         streams = list(self.streams)
         await self._learn(events, streams)
+        if rows:  # only now: a failed lookup reads the same events again
+            self.hi = rows[-1][0]
         for stream in streams:
             if stream.ended is not None or stream not in self.streams:
                 continue
@@ -286,7 +291,7 @@ class EventBus:
                 wanted.setdefault(table, set()).add(e.object)
         if not wanted:
             return
-        found, groups = await self.st.db.run(_lookup, wanted, [o for o in self._groups_needed(streams)])
+        found, groups = await self.st.db.run(_lookup, wanted, self._groups_needed(streams))
         for uids in wanted.values():
             for uid in uids:
                 self._infos[uid] = found.get(uid)

@@ -51,7 +51,10 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: object) -> None:
         try:
-            asyncio.get_running_loop().call_soon_threadsafe(self.st.scheduler.close)
+            loop = asyncio.get_running_loop()
+            loop.call_soon_threadsafe(self.st.scheduler.close)
+            if self.st.event_bus is not None:  # live event streams end now, not at the graceful timeout
+                loop.call_soon_threadsafe(self.st.event_bus.shutdown)
         except RuntimeError:
             pass
         self._write_profile()
