@@ -76,8 +76,8 @@ class AccessLog:
             await self.app(scope, receive, sending)
         finally:
             seconds = time.perf_counter() - t0
-            route = scope.get("route")
-            self.metrics.request(getattr(route, "path", None) or "unmatched", status, seconds)
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.request(f"{scope['method']} {route}", status, seconds)
             if ACCESS.isEnabledFor(logging.INFO):
                 ident = (scope.get("state") or {}).get("ident")
                 access_line(logging.INFO, scope, status, seconds, getattr(ident, "login", None))

@@ -98,7 +98,7 @@ class Metrics:
                                    registry=r)
         self.transfer = Counter("xwhep_transfer_bytes", "Data bytes through the API, by direction (upload: into "
                                 "the blob store, verified; download: sent)", ["direction"], registry=r)
-        self.latency = Histogram("xwhep_request_duration_seconds", "API request latency by route (the route's "
+        self.latency = Histogram("xwhep_request_duration_seconds", "API request latency by route (method and "
                                  "path template)", ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.responses = Counter("xwhep_responses", "API responses by route and status class", ["route", "code"],
                                  registry=r)

@@ -35,7 +35,7 @@ _ROUTES: dict[str, tuple[type[BaseModel], Handler]] = {
     "alive": (AliveIn, worker.alive_reply),
 }
 _PATH = re.compile(r"^/api/v1/hosts/([^/]+)/(sync|alive)$")
-_TEMPLATES = {call: f"/api/v1/hosts/{{uid}}/{call}" for call in _ROUTES}  # the routes' names in the metrics
+_TEMPLATES = {call: f"POST /api/v1/hosts/{{uid}}/{call}" for call in _ROUTES}  # the routes in the metrics
 _JSON = [(b"content-type", b"application/json")]
 
 
