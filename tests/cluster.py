@@ -27,6 +27,7 @@ class ServerProc:
     port: int = 0
     proc: subprocess.Popen[str] | None = None
     url: str = ""
+    log: Path | None = None  # where the server's output goes after the ready line (default: nowhere)
 
     @property
     def admin_conf(self) -> Path:
@@ -59,7 +60,10 @@ class ServerProc:
         else:
             raise RuntimeError("server did not start:\n" + "".join(lines))
         # keep draining the output so the server never blocks on a full pipe
-        self._drain = subprocess.Popen(["cat"], stdin=self.proc.stdout, stdout=subprocess.DEVNULL)
+        sink = open(self.log, "a") if self.log is not None else subprocess.DEVNULL  # noqa: SIM115 (cat owns it)
+        self._drain = subprocess.Popen(["cat"], stdin=self.proc.stdout, stdout=sink)
+        if self.log is not None:
+            sink.close()  # type: ignore[union-attr]
         return self
 
     def client(self, conf: str = "admin") -> Client:
