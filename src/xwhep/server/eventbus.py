@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection
 from xwhep.core.rights import Action, Owned, can
 from xwhep.server.auth import Identity
 from xwhep.server.db import raw
+from xwhep.server.db.engine import EventRow
 from xwhep.server.errors import ApiError
 from xwhep.server.services.common import iso
 
@@ -84,15 +85,10 @@ class Info:
     label: str | None = None
 
 
-@dataclass
-class Event:
-    """One committed event, rendered once for every stream."""
-
-    id: int
-    action: str
-    object: str | None
-    actor: str | None
-    frame: bytes  # id, event and data lines, as sent
+Event = tuple[int, str, str | None, str | None, bytes]
+"""One committed event, rendered once for every stream: id, action, object, actor, and its frame (the id, event
+and data lines, as sent). A tuple: the bus makes three per work."""
+ID, ACTION, OBJECT, ACTOR, FRAME = range(5)
 
 
 @dataclass(eq=False)  # compared (and hashed) by identity: streams live in a set
@@ -102,7 +98,8 @@ class Stream:
     ident: Identity
     filters: Filters
     start: int  # the last event id before the stream opened (live frames come after it)
-    frames: list[bytes] = field(default_factory=list)
+    frames: list[bytes] = field(default_factory=list)  # runs of frames waiting for the consumer
+    queued: int = 0  # events in them
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     ended: str | None = None  # why the server ended the stream
 
@@ -110,16 +107,22 @@ class Stream:
     def needs_info(self) -> bool:
         return not self.ident.is_admin or self.filters.group is not None or self.filters.label is not None
 
-    def push(self, frames: list[bytes]) -> bool:
-        """Queue frames; False if the consumer is too far behind (the stream is then ended)."""
-        if len(self.frames) + len(frames) > MAX_QUEUED:
+    @property
+    def sees_all(self) -> bool:
+        """An administrator's stream without filters: every event, no check per event."""
+        return self.ident.is_admin and self.filters == Filters()
+
+    def push(self, frames: bytes, count: int) -> bool:
+        """Queue ``count`` events' frames; False if the consumer is too far behind (the stream is then ended)."""
+        if self.queued + count > MAX_QUEUED:
             return False
-        self.frames.extend(frames)
+        self.frames.append(frames)
+        self.queued += count
         self.ready.set()
         return True
 
     def take(self) -> bytes:
-        out, self.frames = b"".join(self.frames), []
+        out, self.frames, self.queued = b"".join(self.frames), [], 0
         self.ready.clear()
         return out
 
@@ -139,6 +142,16 @@ class EventBus:
         self._infos: OrderedDict[str, Info | None] = OrderedDict()
         self._groups: dict[str, str | None] = {}  # user uid → its usergroup (the group rights bits)
         self._iso: tuple[float, str | None] = (-1.0, None)
+        # SQLite (one server process): the events of each committed transaction come from the database's
+        # listeners, with their ids, so nothing is read back; PostgreSQL: read by id (other processes write too)
+        self.local = st.db.is_sqlite
+        self._pending: list[EventRow] = []
+        if self.local:
+            st.db.listeners.append(self._committed)
+
+    def _committed(self, rows: list[EventRow]) -> None:
+        if self.streams:
+            self._pending.extend(rows)
 
     @property
     def stream_count(self) -> int:
@@ -161,6 +174,7 @@ class EventBus:
         if not self.streams:  # the bus was idle: start from the end of the log
             self.hi = int((await self.st.db.run(raw.tuples, _LAST, {}))[0][0] or 0)
             self.missing.clear()
+            self._pending.clear()
         stream = Stream(ident, filters, self.hi)
         self.streams.add(stream)
         self.per_user[ident.uid] += 1
@@ -201,9 +215,9 @@ class EventBus:
             if not rows:
                 break
             after = rows[-1][0]
-            events = self._render(rows)
+            events = self._render(_as_event_rows(rows))
             await self._learn(events, [stream])
-            out += [e.frame for e in events if self._visible(stream, e)]
+            out += [e[FRAME] for e in events if self._visible(stream, e)]
         return b"".join(out), gap
 
     # -- the reader -------------------------------------------------------------------------------------------------
@@ -229,14 +243,20 @@ class EventBus:
 
     async def _read(self) -> bool:
         """Read what is new and hand it out; True if a whole batch came (read again at once)."""
-        rows = await self.st.db.run(raw.tuples, _READ, {"after": self.hi, "n": BATCH})
+        if self.local:
+            rows, self._pending = [r for r in self._pending if r[0] is not None and r[0] > self.hi], []
+            if rows:
+                await self._hand_out(self._render(rows))
+                self.hi = int(rows[-1][0])  # type: ignore[arg-type]
+            return False
+        rows = _as_event_rows(await self.st.db.run(raw.tuples, _READ, {"after": self.hi, "n": BATCH}))
         late: list[Any] = []
         if self.missing:
             now = time.monotonic()
             for i in [i for i, until in self.missing.items() if until < now]:
                 del self.missing[i]  # never committed (rolled back), or committed too late to be seen
             if self.missing:
-                late = await self.st.db.run(raw.tuples, _READ_IDS, {"ids": list(self.missing)})
+                late = _as_event_rows(await self.st.db.run(raw.tuples, _READ_IDS, {"ids": list(self.missing)}))
                 for r in late:
                     self.missing.pop(r[0], None)
         if not rows and not late:
@@ -247,28 +267,40 @@ class EventBus:
                 for i in range(expect, min(r[0], expect + 10_000)):
                     self.missing[i] = until
                 expect = r[0] + 1
-        events = self._render(sorted([*late, *rows], key=lambda r: int(r[0])))
+        await self._hand_out(self._render(sorted([*late, *rows], key=lambda r: int(r[0]))))  # type: ignore[arg-type]
+        if rows:  # only now: a failed lookup reads the same events again
+            self.hi = int(rows[-1][0])  # type: ignore[arg-type]
+        return len(rows) == BATCH
+
+    async def _hand_out(self, events: list[Event]) -> None:
+        """Give each stream the events it may see (after its start)."""
         streams = list(self.streams)
         await self._learn(events, streams)
-        if rows:  # only now: a failed lookup reads the same events again
-            self.hi = rows[-1][0]
+        everything: bytes | None = None
         for stream in streams:
             if stream.ended is not None or stream not in self.streams:
                 continue
-            frames = [e.frame for e in events if e.id > stream.start and self._visible(stream, e)]
-            if frames and not stream.push(frames):
+            if stream.sees_all and events[0][ID] > stream.start:  # the common dashboard: no check per event
+                if everything is None:
+                    everything = b"".join([e[FRAME] for e in events])
+                frames, count = everything, len(events)
+            else:
+                picked = [e[FRAME] for e in events if e[ID] > stream.start and self._visible(stream, e)]
+                frames, count = b"".join(picked), len(picked)
+            if count and not stream.push(frames, count):
                 self._drop(stream, "slow consumer", f"slow consumer: more than {MAX_QUEUED} events waiting")
-        return len(rows) == BATCH
 
-    def _render(self, rows: Iterable[Any]) -> list[Event]:
-        out = []
-        for id_, t, actor, action, obj, source, target, detail in rows:
-            if t != self._iso[0]:
-                self._iso = (t, iso(t))
-            data = orjson.dumps({"time": self._iso[1], "actor": actor, "action": action, "object": obj,
+    def _render(self, rows: Iterable[EventRow]) -> list[Event]:
+        out: list[Event] = []
+        append = out.append
+        last_t, last_iso = self._iso
+        for id_, t, action, obj, source, target, detail, actor in rows:
+            if t != last_t:
+                last_t, last_iso = t, iso(t)
+            data = orjson.dumps({"time": last_iso, "actor": actor, "action": action, "object": obj,
                                  "source": source, "target": target, "detail": detail})
-            frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (id_, action.encode(), data)
-            out.append(Event(int(id_), action, obj, actor, frame))
+            append((id_, action, obj, actor, b"id: %d\nevent: %s\ndata: %s\n\n" % (id_, action.encode(), data)))
+        self._iso = (last_t, last_iso)
         return out
 
     # -- who sees what ----------------------------------------------------------------------------------------------
@@ -279,16 +311,17 @@ class EventBus:
             return
         wanted: dict[str, set[str]] = {}
         for e in events:
-            if e.object is None:
+            obj, action = e[OBJECT], e[ACTION]
+            if obj is None:
                 continue
-            if e.action.endswith(".chmod"):  # the rights changed: look again
-                self._infos.pop(e.object, None)
-            if e.object in self._infos:
-                self._infos.move_to_end(e.object)
+            if action.endswith(".chmod"):  # the rights changed: look again
+                self._infos.pop(obj, None)
+            if obj in self._infos:
+                self._infos.move_to_end(obj)
                 continue
-            table = _TABLES.get(e.action.partition(".")[0])
+            table = _TABLES.get(action.partition(".")[0])
             if table is not None:
-                wanted.setdefault(table, set()).add(e.object)
+                wanted.setdefault(table, set()).add(obj)
         if not wanted:
             return
         found, groups = await self.st.db.run(_lookup, wanted, self._groups_needed(streams))
@@ -309,13 +342,14 @@ class EventBus:
 
     def _visible(self, stream: Stream, e: Event) -> bool:
         f = stream.filters
-        if f.object is not None and e.object != f.object:
+        obj, action = e[OBJECT], e[ACTION]
+        if f.object is not None and obj != f.object:
             return False
-        if f.action is not None and not e.action.startswith(f.action):
+        if f.action is not None and not action.startswith(f.action):
             return False
-        info = self._infos.get(e.object) if e.object is not None else None
+        info = self._infos.get(obj) if obj is not None else None
         if f.group is not None or f.label is not None:
-            if info is None or not e.action.startswith("work."):
+            if info is None or not action.startswith("work."):
                 return False
             if f.group is not None and info.grp != f.group:
                 return False
@@ -324,14 +358,19 @@ class EventBus:
         ident = stream.ident
         if ident.is_admin:
             return True
-        if e.action.startswith(SECURITY):
+        if action.startswith(SECURITY):
             return False
-        if e.actor == ident.uid:
+        if e[ACTOR] == ident.uid:
             return True
         if info is None:
             return False
         group = self._groups.get(info.owner) if ident.usergroup and info.owner != ident.uid else None
         return can(ident.actor, Action.READ, Owned(info.owner, info.rights, group))
+
+
+def _as_event_rows(rows: list[Any]) -> list[EventRow]:
+    """Rows of ``_READ`` (id, time, actor, action, object, source, target, detail) in :data:`EventRow` order."""
+    return [(r[0], r[1], r[3], r[4], r[5], r[6], r[7], r[2]) for r in rows]
 
 
 def _lookup(conn: Connection, wanted: dict[str, set[str]], owners: set[str]

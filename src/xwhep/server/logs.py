@@ -30,7 +30,7 @@ def transition_lines(rows: list[EventRow]) -> None:
     """One INFO line per work transition among the events of a committed transaction (a Database listener)."""
     if not WORKS.isEnabledFor(logging.INFO):
         return
-    for action, obj, source, target, detail, actor in rows:
+    for _id, _t, action, obj, source, target, detail, actor in rows:
         if action == "work.transition":
             WORKS.info("work %s %s -> %s%s", obj, source, target, f" ({detail})" if detail else "",
                        extra={"fields": {"work": obj, "from": source, "to": target, "detail": detail,

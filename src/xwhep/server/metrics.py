@@ -122,7 +122,7 @@ class Metrics:
         """A transaction committed these events (called by the database after the commit)."""
         actions: Tally[str] = Tally()
         entered: Tally[str] = Tally()
-        for action, _obj, _source, target, _detail, _actor in rows:
+        for _id, _t, action, _obj, _source, target, _detail, _actor in rows:
             actions[action] += 1
             if target is not None and action in ("work.transition", "work.submit"):
                 entered[target] += 1

@@ -26,8 +26,9 @@ T = TypeVar("T")
 PENDING_EVENTS = "xw_events"
 """Key in ``conn.info`` under which the event writers (services/common.py, db/raw.py) note what a transaction
 logged; :class:`Database` hands the list to its ``listeners`` once the transaction committed, drops it otherwise."""
-EventRow = tuple[str, str | None, str | None, str | None, str | None, str | None]
-"""(action, object, source, target, detail, actor) of one event written."""
+EventRow = tuple[int | None, float, str, str | None, str | None, str | None, str | None, str | None]
+"""(id, time, action, object, source, target, detail, actor) of one event written; the id on SQLite only (rows
+of one insert are numbered consecutively there; PostgreSQL draws them from a sequence)."""
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 log = logging.getLogger("xwhep.server")

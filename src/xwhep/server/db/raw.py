@@ -179,8 +179,12 @@ def events(conn: Connection, t: float, batch: Iterable[Mapping[str, Any]]) -> No
     """Write events (actor, action, object and optionally source, target, detail) in one executemany."""
     rows = [(t, e["actor"], e["action"], e["object"], e.get("source"), e.get("target"), e.get("detail"))
             for e in batch]
+    if not rows:
+        return
     EVENT.tuples(conn, rows)
-    note_events(conn, [(r[2], r[3], r[4], r[5], r[6], r[1]) for r in rows])
+    first = last_rowid(conn) - len(rows) + 1 if conn.dialect.name == "sqlite" else None
+    note_events(conn, [(None if first is None else first + i, r[0], r[2], r[3], r[4], r[5], r[6], r[1])
+                       for i, r in enumerate(rows)])
 
 
 def note_events(conn: Connection, rows: list[EventRow]) -> None:
