@@ -137,12 +137,18 @@ def run(settings: Settings) -> Result:
     cpu = {kind: [r["server_cpu_ms_per_work"] for r in ok if r["observed"] is kind and r["server_cpu_ms_per_work"]]
            for kind in (False, True)}
     res.details["works_per_s"] = {"without": rnd(base), "with": rnd(seen)}
+    cpu_ratios = sorted(w["server_cpu_ms_per_work"] / p["server_cpu_ms_per_work"]
+                        for p, w in zip(runs[0::2], runs[1::2], strict=False)
+                        if p in ok and w in ok and p.get("server_cpu_ms_per_work") and w.get("server_cpu_ms_per_work"))
+    if cpu_ratios:  # steadier than the rates when the machine is shared
+        res.details["server_cpu_cost_pct"] = rnd(100 * (statistics.median(cpu_ratios) - 1), 2)
     if cpu[False] and cpu[True]:
         res.details["server_cpu_ms_per_work"] = {"without": rnd(sum(cpu[False]) / len(cpu[False]), 4),
                                                  "with": rnd(sum(cpu[True]) / len(cpu[True]), 4)}
     print(f"  observe: {rnd(base)} works/s without, {rnd(seen)} with an event stream + 1 scrape/s (means); cost "
           f"{res.values['observe_cost_pct']} % (median of the pairs' ratios {res.details['pair_ratios']}); server "
-          f"CPU/work {res.details.get('server_cpu_ms_per_work')}", flush=True)
+          f"CPU/work {res.details.get('server_cpu_ms_per_work')} (median cost "
+          f"{res.details.get('server_cpu_cost_pct')} %)", flush=True)
     return res
 
 

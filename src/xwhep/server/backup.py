@@ -93,9 +93,9 @@ def backup(home: Path, dest: Path, db_url: str | None = None) -> Report:
                 if (home / name).is_file():
                     staged.append((f"home/{name}", home / name))
             for d in HOME_DIRS:
-                for f in sorted((home / d).glob("*")) if (home / d).is_dir() else []:
-                    if f.is_file():
-                        staged.append((f"home/{d}/{f.name}", f))
+                for item in sorted((home / d).glob("*")) if (home / d).is_dir() else []:
+                    if item.is_file():
+                        staged.append((f"home/{d}/{item.name}", item))
             for name, path in staged:  # small files: hashed first, then added (the manifest must come first)
                 members[name] = {"sha256": _sha256(path), "size": path.stat().st_size}
             blobs: dict[str, int] = {}

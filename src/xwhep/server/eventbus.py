@@ -23,7 +23,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from sqlalchemy.engine import Connection
@@ -88,7 +88,11 @@ class Info:
 Event = tuple[int, str, str | None, str | None, bytes]
 """One committed event, rendered once for every stream: id, action, object, actor, and its frame (the id, event
 and data lines, as sent). A tuple: the bus makes three per work."""
-ID, ACTION, OBJECT, ACTOR, FRAME = range(5)
+ID: Final = 0
+ACTION: Final = 1
+OBJECT: Final = 2
+ACTOR: Final = 3
+FRAME: Final = 4
 
 
 @dataclass(eq=False)  # compared (and hashed) by identity: streams live in a set
@@ -258,15 +262,16 @@ class EventBus:
             if self.missing:
                 late = _as_event_rows(await self.st.db.run(raw.tuples, _READ_IDS, {"ids": list(self.missing)}))
                 for r in late:
-                    self.missing.pop(r[0], None)
+                    self.missing.pop(int(r[0] or 0), None)
         if not rows and not late:
             return False
         if rows and not self.st.db.is_sqlite:  # ids are drawn at insert, committed in any order
             expect, until = self.hi + 1, time.monotonic() + GAP_GRACE
             for r in rows:
-                for i in range(expect, min(r[0], expect + 10_000)):
+                rid = int(r[0] or 0)
+                for i in range(expect, min(rid, expect + 10_000)):
                     self.missing[i] = until
-                expect = r[0] + 1
+                expect = rid + 1
         await self._hand_out(self._render(sorted([*late, *rows], key=lambda r: int(r[0]))))  # type: ignore[arg-type]
         if rows:  # only now: a failed lookup reads the same events again
             self.hi = int(rows[-1][0])  # type: ignore[arg-type]
@@ -294,7 +299,8 @@ class EventBus:
         out: list[Event] = []
         append = out.append
         last_t, last_iso = self._iso
-        for id_, t, action, obj, source, target, detail, actor in rows:
+        for row_id, t, action, obj, source, target, detail, actor in rows:
+            id_ = int(row_id or 0)
             if t != last_t:
                 last_t, last_iso = t, iso(t)
             data = orjson.dumps({"time": last_iso, "actor": actor, "action": action, "object": obj,

@@ -54,7 +54,7 @@ TOKEN_FILE = "metrics.token"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-disable_created_metrics()  # no *_created series: Prometheus has the counters' resets without them
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: Prometheus has the counters' resets without them
 
 
 def metrics_token(home: Path) -> str:
