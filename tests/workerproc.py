@@ -69,6 +69,7 @@ class WorkerProc:
     pool: int = 1
     env: dict[str, str] = field(default_factory=dict)
     prefix: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NS]: run the worker inside
+    args: list[str] = field(default_factory=list)  # more command-line options (e.g. --log-json)
     proc: subprocess.Popen[str] | None = None
     lines: list[str] = field(default_factory=list)
     _reader: threading.Thread | None = None
@@ -105,7 +106,7 @@ class WorkerProc:
         """Start and block until the worker prints its started line (then keep reading its output)."""
         self.write_config()
         cmd = [*self.prefix, sys.executable, "-m", "xwhep.worker", "--config", str(self.config), "--workdir",
-               str(self.workdir), "--pool", str(self.pool)]
+               str(self.workdir), "--pool", str(self.pool), *self.args]
         env = {**os.environ, "XW_LOG": "INFO", **self.env}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True, env=env)

@@ -25,6 +25,7 @@ TARGETS: dict[str, tuple[str, float | None, str, str]] = {
     "relay_ratio_vs_ssh": (">=", 1.0, "×", "relay vs ssh -L"),
     "relay_connect_p50_ms": ("<=", 5, "ms", "connect latency the relay adds, p50"),
     "sandbox_overhead_ms": ("<=", 10, "ms", "native sandbox start over bare exec"),
+    "observe_cost_pct": ("<=", 5, "%", "throughput cost of a live event stream + 1 scrape/s"),
 }
 
 

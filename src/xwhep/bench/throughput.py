@@ -31,12 +31,14 @@ from xwhep.bench.simworker import SimWorker, Stats, arun, call, login, make_pool
 BAG = 10_000  # the server's limit per bulk submission
 
 
-async def _bag_run(srv: Server, m: int, n: int, k: int, wait: float, client: str, protocol: str) -> dict[str, Any]:
+async def _bag_run(srv: Server, m: int, n: int, k: int, wait: float, client: str, protocol: str,
+                   observe: bool = False) -> dict[str, Any]:
     admin, worker = srv.conf("admin"), srv.conf("worker")
     ca = str(srv.ca)
     sub = make_pool(client, srv.url, ca, 2)
     pool = make_pool(client, srv.url, ca, m)  # one connection per simulated worker, as real ones have
     tasks: list[asyncio.Task[None]] = []
+    watchers = None
     try:
         admin_tok = await login(sub, admin["login"], admin["password"])
         worker_tok = await login(pool, worker["login"], worker["password"])
@@ -56,6 +58,10 @@ async def _bag_run(srv: Server, m: int, n: int, k: int, wait: float, client: str
         workers = [SimWorker(pool, tok, h, k, wait, stats, on_done, protocol, alive_period) for h, tok in hosts]
         tasks = [asyncio.create_task(w.run(stop)) for w in workers]
         await asyncio.sleep(0.5)  # every worker is now idle in a long-poll
+        if observe:  # a live event stream and a scrape per second (bench/observe.py), started before the clock
+            from xwhep.bench.observe import observers
+
+            watchers = await observers(srv, admin_tok, sub)
         timeout = 60.0 + n / 50.0
         with ProcSampler(srv.pid) as sampler:
             cpu0 = time.process_time()
@@ -73,6 +79,8 @@ async def _bag_run(srv: Server, m: int, n: int, k: int, wait: float, client: str
             client_cpu = time.process_time() - cpu0
         stop.set()
     finally:
+        if watchers is not None:
+            await watchers.stop()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -100,16 +108,18 @@ async def _bag_run(srv: Server, m: int, n: int, k: int, wait: float, client: str
         if server_load["cpu_seconds"] is not None else None,
         "client_cpu_ms_per_work": rnd(1000 * client_cpu / max(1, stats.done), 3),
     }
+    if watchers is not None:
+        out["observers"] = watchers.summary()
     return out
 
 
-def bag_run(settings: Settings, db: str | None, m: int, workdir: Path) -> dict[str, Any]:
-    """One fresh server, one bag, M workers."""
+def bag_run(settings: Settings, db: str | None, m: int, workdir: Path, observe: bool = False) -> dict[str, Any]:
+    """One fresh server, one bag, M workers (``observe``: with a live event stream and scrapes, bench/observe)."""
     srv = Server(home=workdir / f"server-{m}", db=db, args=["--alive-timeout", "600"])
     srv.start()
     try:
         return arun(_bag_run(srv, m, settings.works, settings.k, settings.wait, settings.client,
-                               settings.protocol))  # type: ignore
+                               settings.protocol, observe))  # type: ignore
     finally:
         srv.stop()
 

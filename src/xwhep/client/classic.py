@@ -620,13 +620,44 @@ def _bags(kind: str) -> Callable[[Call], int]:
 
 
 def op_events(call: Call) -> int:
-    """The event log: an object's history, or your own actions (everything for an administrator)."""
+    """The event log: an object's history, or your own actions (everything for an administrator); with
+    ``--follow``, the events you may see as they happen."""
     fmt = call.fmt
     refs = call.refs()
     if len(refs) > 1:
         raise UsageError("give at most one object")
+    if call.flag("follow"):
+        return _follow(call, refs[0] if refs else None, fmt)
+    for name in ("action", "count"):
+        if call.opt(name) is not None:
+            raise UsageError(f"--xw{name} goes with --xwfollow")
     limit = call.int_opt("limit", 1) or 1000
     call.print(output.render("event", call.client.events(refs[0] if refs else None, limit=limit), fmt))
+    return EXIT_OK
+
+
+def _follow(call: Call, ref: str | None, fmt: str) -> int:
+    """Print events as they come (one line each: short, or JSON lines) until interrupted or ``--count``."""
+    if fmt not in ("short", "json"):
+        raise UsageError("--xwfollow prints short lines or JSON lines: --xwformat short or json")
+    count = call.int_opt("count", 1)
+
+    def notice(kind: str, data: dict[str, Any]) -> None:
+        if kind == "gap":
+            call.note(f"events {data.get('missed_after')}..{data.get('missed_through')} were not replayed "
+                      "(too many missed)")
+        elif kind == "end":
+            call.note(f"the server ended the stream ({data.get('reason')}); reconnecting")
+        else:
+            call.note(f"stream interrupted ({data.get('reason')}); reconnecting")
+
+    for seen, event in enumerate(call.client.follow_events(ref, action=call.opt("action"), on_notice=notice), 1):
+        if fmt == "json":
+            call.print(json.dumps(event, separators=(",", ":")))
+        else:
+            call.print("  ".join(cell for cell in output.short_row("event", event) if cell))
+        if count is not None and seen >= count:
+            break
     return EXIT_OK
 
 
@@ -841,14 +872,19 @@ def _why_rich(data: Mapping[str, Any]) -> None:
 def op_wait(call: Call) -> int:
     """Block until the works are final. Exit 0 iff all COMPLETED, 1 if one ended otherwise, 3 on timeout."""
     refs = call.refs()
-    if not refs:
-        raise UsageError("missing the works to wait for (uids or URIs)")
     timeout = None
     if call.opt("timeout") is not None:
         try:
             timeout = float(str(call.opt("timeout")))
         except ValueError:
             raise UsageError(f"--xwtimeout: expected seconds, got {call.opt('timeout')!r}") from None
+    group, label = call.opt("group"), call.opt("label")
+    if group is not None or label is not None:
+        if refs or (group is not None and label is not None):
+            raise UsageError("wait for works, or a --xwgroup, or a --xwlabel: one of them")
+        return _wait_bag(call, group, label, timeout)
+    if not refs:
+        raise UsageError("missing the works to wait for (uids or URIs), or --xwgroup or --xwlabel")
     names = {r: call.client.uri(r) for r in refs}
     with call.progress.waiting(names) as on_change:
         status = call.client.wait(refs, timeout=timeout, on_change=on_change)
@@ -857,6 +893,19 @@ def op_wait(call: Call) -> int:
         call.error(f"timed out after {timeout:g} s")
         return EXIT_TIMEOUT
     return EXIT_OK if all(s == "COMPLETED" for s in status.values()) else EXIT_FAIL
+
+
+def _wait_bag(call: Call, group: str | None, label: str | None, timeout: float | None) -> int:
+    """``xw wait --group G | --label L``: prints the count per status once all are final."""
+    what = f"group {group}" if group is not None else f"label {label!r}"
+    counts = call.client.wait_bag(group=group, label=label, timeout=timeout)
+    if not counts:
+        raise XwError(f"no works of yours with {what}" if label is not None else f"no works in {what}")
+    call.print(output.columns([[status, str(n)] for status, n in sorted(counts.items())]))
+    if any(s not in ("COMPLETED", "ERROR", "FAILED") for s in counts):
+        call.error(f"timed out after {timeout:g} s")
+        return EXIT_TIMEOUT
+    return EXIT_OK if set(counts) == {"COMPLETED"} else EXIT_FAIL
 
 
 def op_cancel(call: Call) -> int:
@@ -974,11 +1023,17 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
              Opt("issuer", "URL", "which issuer, when the server accepts several")), classic=False),
     Command("why", op_why, "URI…", "why a work is pending: requirements against the registered hosts", (FORMAT,),
             classic=False),
-    Command("wait", op_wait, "URI… [--timeout S]",
+    Command("wait", op_wait, "URI… | --group URI | --label TEXT [--timeout S]",
             "wait until works are final; exit 0 iff all COMPLETED, 1 otherwise, 3 on timeout",
-            (Opt("timeout", "S", "give up after S seconds (exit 3)"),), classic=False),
-    Command("events", op_events, "[URI]", "the event log (an object's history)",
-            (FORMAT, Opt("limit", "N", "at most N events (default 1000)")), classic=False),
+            (Opt("timeout", "S", "give up after S seconds (exit 3)"),
+             Opt("group", "URI", "every work of this group"),
+             Opt("label", "TEXT", "every work of yours with this label")), classic=False),
+    Command("events", op_events, "[URI] [--follow [--action PREFIX] [--count N]]",
+            "the event log (an object's history); --follow: events as they happen",
+            (FORMAT, Opt("limit", "N", "at most N events (default 1000)"),
+             Opt("follow", None, "print the events you may see as they happen, until interrupted"),
+             Opt("action", "PREFIX", "with --follow: only actions starting so (work.transition, auth., …)"),
+             Opt("count", "N", "with --follow: stop after N events")), classic=False),
     Command("cancel", op_cancel, "URI…", "stop works for good (they end in ERROR)", classic=False),
     Command("revoke", op_revoke, "LOGIN|URI…", "end every session of users (their tokens stop working now)",
             classic=False),

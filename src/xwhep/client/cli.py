@@ -16,6 +16,7 @@ import typer
 
 from xwhep.client import classic
 from xwhep.client.x509 import app as x509_app
+from xwhep.server.admin_cli import app as admin_app
 from xwhep.server.ca_cli import app as ca_app
 from xwhep.server.cli import server
 
@@ -27,6 +28,7 @@ app = typer.Typer(name="xw", no_args_is_help=True, add_completion=False, rich_ma
 app.command("server", help="Run the xwhep server (scheduler + repository). The first start initializes HOME.")(
     server)
 app.add_typer(ca_app, name="ca", help="Manage the server's certificate authority: issue, revoke, CRL.")
+app.add_typer(admin_app, name="admin", help="Operate a server from its machine: backup, restore.")
 app.add_typer(x509_app, name="x509", help="Grid-style X.509 proxy certificates (proxy-init, proxy-info).")
 
 _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}

@@ -6,7 +6,9 @@ connection problems with a readable text; never a bare HTTP exception.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import ssl
 import tempfile
@@ -496,6 +498,39 @@ class Client:
                     return status
         return status
 
+    def wait_bag(self, group: str | None = None, label: str | None = None, timeout: float | None = None,
+                 on_change: Callable[[dict[str, int]], None] | None = None) -> dict[str, int]:
+        """Block until every work of ``group`` (uid or URI) or with ``label`` is final, or ``timeout``; returns
+        status → count (the works the caller reads). Empty when there are none. A long-poll on the counts: one
+        request per change, whatever the number of works."""
+        body: dict[str, Any] = {"group": uid_of(group)} if group else {"label": label}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        counts: dict[str, int] | None = None
+        while True:
+            left = 30.0 if deadline is None else max(0.0, min(30.0, deadline - time.monotonic()))
+            reply = self._json("POST", "/works/wait", json={**body, "known_counts": counts or {}, "timeout": left},
+                               timeout=httpx.Timeout(left + 30.0, connect=15.0))
+            if reply["counts"] != counts and on_change:
+                on_change(reply["counts"])
+            counts = reply["counts"]
+            if reply["final"] or (deadline is not None and time.monotonic() >= deadline):
+                return counts
+
+    def follow_events(self, ref: str | None = None, action: str | None = None, group: str | None = None,
+                      label: str | None = None, after: int | None = None,
+                      on_notice: Callable[[str, dict[str, Any]], None] | None = None) -> EventStream:
+        """The events the caller may see, as the server commits them (``GET /events/stream``, Server-Sent
+        Events): an iterator over them, open when this returns (what happens from now on is in it), until
+        :meth:`EventStream.close`. Each is rendered as :meth:`events` renders them, plus its ``id``. Filters: an
+        object, an action prefix, a group or a label (events on its works). ``after``: replay the events after
+        this id first. A broken stream is reopened after the last event seen (``Last-Event-ID``), with back-off;
+        ``on_notice(kind, data)`` hears of ``open``, ``reconnect``, ``gap`` (events not replayed) and ``end``
+        (the server ended the stream)."""
+        params = {k: v for k, v in {"object": uid_of(ref) if ref else None, "action": action,
+                                    "group": uid_of(group) if group else None, "label": label}.items()
+                  if v is not None}
+        return EventStream(self, params, after, on_notice)
+
     def fetch_result(self, ref: str, dest_dir: str | os.PathLike[str] = ".", progress: Progress | None = None) -> Path:
         """Download a completed work's result into ``dest_dir``; size and sha256 verified."""
         w = self.work(ref)
@@ -628,6 +663,119 @@ class Client:
                 raise _error(r)
             for chunk in r.iter_bytes():
                 f.write(chunk)
+
+
+class EventStream:
+    """An open ``GET /events/stream`` (see :meth:`Client.follow_events`): iterate for events; close when done."""
+
+    def __init__(self, client: Client, params: dict[str, str], after: int | None,
+                 on_notice: Callable[[str, dict[str, Any]], None] | None) -> None:
+        self.client, self.params, self.last, self.on_notice = client, params, after, on_notice
+        self._response: Any = None
+        self._lines: Iterator[tuple[str, str | None, str]] | None = None
+        self._open()
+
+    def _notice(self, kind: str, data: dict[str, Any]) -> None:
+        if self.on_notice is not None:
+            self.on_notice(kind, data)
+
+    def _open(self) -> None:
+        c = self.client
+        for attempt in (1, 2):
+            headers = c._auth_header()
+            if self.last is not None:
+                headers["Last-Event-ID"] = str(self.last)
+            cm = c.http.stream("GET", c.base + "/events/stream", params=self.params, headers=headers,
+                               timeout=httpx.Timeout(15.0, read=60.0))  # heartbeats come every 15 s
+            try:
+                r = cm.__enter__()
+            except httpx.TimeoutException:
+                raise XwError(f"{c.server}: request timed out (GET /events/stream)") from None
+            except httpx.HTTPError as exc:
+                raise XwError(f"cannot reach server {c.server}: {_short(exc)}") from None
+            if r.status_code == 401 and attempt == 1 and c._login_method():
+                cm.__exit__(None, None, None)
+                c._token = None  # expired: log in again once
+                continue
+            if r.status_code >= 400:
+                r.read()
+                cm.__exit__(None, None, None)
+                raise _error(r)
+            self._response = cm
+            self._lines = _sse(r.iter_lines())
+            self._notice("open", {"after": self.last})
+            return
+
+    def _drop(self) -> None:
+        cm, self._response, self._lines = self._response, None, None
+        if cm is not None:
+            with contextlib.suppress(Exception):
+                cm.__exit__(None, None, None)
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        pause = 0.5
+        while True:
+            if self._lines is None:
+                try:
+                    self._open()
+                except XwError as exc:
+                    if exc.status is not None:  # a refusal (not a network failure): retrying will not help
+                        raise
+                    self._notice("reconnect", {"reason": exc.message, "after": self.last})
+                    time.sleep(pause)
+                    pause = min(30.0, pause * 2)
+                    continue
+            try:
+                assert self._lines is not None
+                kind, ident, data = next(self._lines)
+            except (StopIteration, httpx.TransportError) as exc:
+                self._drop()
+                reason = _short(exc) if isinstance(exc, httpx.TransportError) else "the stream ended"
+                self._notice("reconnect", {"reason": reason, "after": self.last})
+                time.sleep(pause)
+                pause = min(30.0, pause * 2)
+                continue
+            if kind in ("gap", "end"):
+                self._notice(kind, json.loads(data))
+                continue
+            event: dict[str, Any] = json.loads(data)
+            if ident is not None:
+                self.last = event["id"] = int(ident)
+            return event
+
+    def close(self) -> None:
+        """End the stream (the server frees its slot at once)."""
+        self._drop()
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sse(lines: Iterable[str]) -> Iterator[tuple[str, str | None, str]]:
+    """Server-Sent Events from text lines: (event name, id, data) each; comments and retry hints skipped."""
+    kind, ident, data = "message", None, []
+    for line in lines:
+        if not line:
+            if data:
+                yield kind, ident, "\n".join(data)
+            kind, ident, data = "message", None, []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "event":
+            kind = value
+        elif name == "id":
+            ident = value
+        elif name == "data":
+            data.append(value)
 
 
 def _short(exc: Exception) -> str:

@@ -21,7 +21,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from xwhep import __version__
 from xwhep.core.model import UsageLevel, WorkStatus
 from xwhep.server import hosts as hostcache
-from xwhep.server import revocation, web
+from xwhep.server import logs, revocation, web
+from xwhep.server.api import events as event_routes
+from xwhep.server.api import metrics as metrics_routes
 from xwhep.server.api import models, oidc, openapi, routes, worker
 from xwhep.server.api import relay as relay_routes
 from xwhep.server.api import stats as stats_routes
@@ -224,6 +226,11 @@ def create_app(st: ServerState) -> FastAPI:
     app.include_router(relay_routes.router)
     app.include_router(stats_routes.router)
     web.install(app)  # the dashboard (/ui/) and /docs, /redoc from local files
+    app.include_router(event_routes.router)
+    app.include_router(metrics_routes.router)
+    st.metrics.attach(st)  # counters of committed events, gauges at scrape time
+    st.db.listeners.append(logs.transition_lines)  # one INFO line per work transition
+    event_routes.bus_of(st)  # live event streams, woken after commits
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> FastJSON:
@@ -267,6 +274,7 @@ def create_app(st: ServerState) -> FastAPI:
         return FastJSON({"error": "internal server error", "field": None}, status_code=500)
 
     app.add_middleware(RequestGuard, limit=st.config.max_json_body)  # type: ignore[arg-type]
+    app.add_middleware(logs.AccessLog, metrics=st.metrics)  # type: ignore[arg-type]
     return app
 
 

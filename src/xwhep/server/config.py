@@ -40,6 +40,8 @@ class ServerConfig:
     # The raw relay port (tunnels' fast data path; docs/tunnels.md): None = the port after the main one (any
     # free port when the main one is 0; none if taken), 0 = any free port, -1 = none (WebSockets only).
     relay_port: int | None = None
+    log_level: str | None = None  # --log-level (else $XW_LOG, else WARNING): server/logs.py
+    log_json: bool = False  # --log-json: one JSON object per log line
 
     def load_settings(self) -> None:
         """Read HOME/server.toml if present (security settings a person edits by hand)."""

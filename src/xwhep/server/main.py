@@ -6,7 +6,6 @@ import asyncio
 import errno
 import gc
 import json
-import logging
 import os
 import socket
 import sqlite3
@@ -18,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 import uvicorn
 
+from xwhep.server import logs
 from xwhep.server.api.fastpath import FastPath
 from xwhep.server.app import create_app
 from xwhep.server.auth import Tokens
@@ -58,7 +58,10 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: object) -> None:
         try:
-            asyncio.get_running_loop().call_soon_threadsafe(self.st.scheduler.close)
+            loop = asyncio.get_running_loop()
+            loop.call_soon_threadsafe(self.st.scheduler.close)
+            if self.st.event_bus is not None:  # live event streams end now, not at the graceful timeout
+                loop.call_soon_threadsafe(self.st.event_bus.shutdown)
         except RuntimeError:
             pass
         self._write_profile()
@@ -166,7 +169,10 @@ def serve(cfg: ServerConfig) -> None:
 
     A start that cannot happen (the home in use by another server, not writable or full, the port taken, a bad
     database URL) is one line on stderr and exit status 1, with nothing in the home changed by this process."""
-    logging.basicConfig(level=os.environ.get("XW_LOG", "WARNING"), format="%(asctime)s %(name)s %(message)s")
+    try:
+        logs.setup(cfg.log_level, cfg.log_json)
+    except logs.LogSetupError as exc:
+        raise SystemExit(f"xwhep server: {exc}") from None
     try:
         lock, sock, relay_sock, url, st, material = _prepare(cfg)
     except HomeInUse as exc:

@@ -175,6 +175,9 @@ class Hub:
         self._reported: set[str] = set()  # tickets whose refused hello is already an event (one each)
         self._ticket_counts: dict[str, int] = {}  # outstanding tickets per user uid
         self.raw_port: int | None = None  # the raw relay port, once listening
+        self.streams_ended = 0  # streams relayed and their bytes, counted when they end (server/metrics.py)
+        self.bytes_up_ended = 0
+        self.bytes_down_ended = 0
         self._raw_server: asyncio.AbstractServer | None = None
 
     # -- channels ----------------------------------------------------------------------------------------------------
@@ -411,6 +414,7 @@ class Hub:
             await asyncio.gather(_close(initiator, code, reason), _close(acceptor, code, reason))
             self.active.pop(s.sid, None)
             s.channel.streams -= 1
+            self._count(s)
             s.ended.set()
         return code, reason
 
@@ -451,8 +455,14 @@ class Hub:
             b.shut()
             self.active.pop(s.sid, None)
             s.channel.streams -= 1
+            self._count(s)
             s.ended.set()
         return code, reason
+
+    def _count(self, s: Stream) -> None:
+        self.streams_ended += 1
+        self.bytes_up_ended += s.bytes_up
+        self.bytes_down_ended += s.bytes_down
 
     # -- stream tickets (raw connections) ----------------------------------------------------------------------------
     def issue_tickets(self, ident: Identity, n: int) -> list[tuple[str, bytes]]:

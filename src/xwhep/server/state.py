@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from xwhep.core.matching import HostProfile
 from xwhep.server.auth import Tokens
 from xwhep.server.config import ServerConfig
 from xwhep.server.db.engine import Database
+from xwhep.server.metrics import Metrics
 from xwhep.server.oidc import OidcVerifier
 from xwhep.server.ratelimit import Backoff
 from xwhep.server.relay import Hub
@@ -67,6 +69,8 @@ class ServerState:
     inactive_hosts: set[str] = field(default_factory=set)  # workers whose activation policy says no (alive)
     work_changes: Signal = field(default_factory=Signal)  # works changed state here (xw wait's long-poll)
     resync_needed: bool = False  # a claim failed mid-way: rebuild the pending index from the database
+    metrics: Metrics = field(default_factory=Metrics)  # GET /metrics (server/metrics.py)
+    event_bus: Any = None  # live event streams (server/eventbus.py), made with the application
     x509: X509Auth = field(init=False)  # CA, CRL and login challenges (reads HOME/pki lazily)
     relay: Hub = field(init=False)  # tunnels: control channels and streams (in memory only)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -25,12 +24,19 @@ def run_cmd(
     pool: Annotated[int | None, typer.Option(help="Concurrent jobs (default: cores)")] = None,
     incoming_connections: Annotated[bool | None, typer.Option("--incoming-connections/--no-incoming-connections",
                                                               help="Accept works with listen ports")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info (job start and end), warning, error "
+                                                       "(default: $XW_LOG, else warning)")] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log JSON lines")] = False,
 ) -> None:
     """Register with the server and run jobs until interrupted."""
+    from xwhep import logsetup as logs
     from xwhep.worker.config import load_worker_config
     from xwhep.worker.daemon import Worker
 
-    logging.basicConfig(level=os.environ.get("XW_LOG", "WARNING"), format="%(asctime)s %(name)s %(message)s")
+    try:
+        logs.setup(log_level, log_json)
+    except logs.LogSetupError as exc:
+        raise ConfigError(str(exc)) from None
     cfg = load_worker_config(config, workdir, pool, incoming_connections)
     worker = Worker(cfg)
     signal.signal(signal.SIGTERM, lambda *_: worker.shutdown())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shlex
 import threading
 import time
@@ -18,6 +19,7 @@ from xwhep.worker.staging import BlobCache, StagingError, copy_or_link_into, saf
 from xwhep.worker.tunnel import TunnelError, TunnelManager
 
 Fetch = Callable[[dict[str, Any], Path], None]
+log = logging.getLogger("xwhep.worker.jobs")
 
 
 @dataclass
@@ -116,9 +118,12 @@ def run(job: Job, root: Path, cache: BlobCache, fetch: Fetch, executor: Executor
     left in the spool is then removed by the daemon, the entry's next owner)."""
     report: dict[str, Any] = {"task": job.task}
     result_path = None
+    a = job.assignment
+    app = (a.get("app") or {}).get("name")
+    fields = {"task": job.task, "work": a.get("work"), "app": app}
+    log.info("job start: task %s work %s app %s", job.task, a.get("work"), app, extra={"fields": fields})
     try:
         spec, snap = stage_in(job, root, cache, fetch, cfg)
-        a = job.assignment
         if a.get("listen_ports") or a.get("forward_addresses"):  # the job runs under its tunnel forwarder
             if tunnels is None:
                 raise TunnelError("this worker runs no tunnels")
@@ -147,6 +152,12 @@ def run(job: Job, root: Path, cache: BlobCache, fetch: Fetch, executor: Executor
         report.update(status="ABORTED", reason=f"worker failure: {exc}")
     if tunnels is not None:
         tunnels.release(job.task)  # the job is gone: end its streams
+    seconds = time.time() - job.started
+    log.info("job end: task %s work %s app %s status %s rc %s after %.2f s%s", job.task, a.get("work"), app,
+             report.get("status"), report.get("return_code"), seconds,
+             f" ({report['reason']})" if report.get("reason") else "",
+             extra={"fields": {**fields, "status": report.get("status"), "rc": report.get("return_code"),
+                               "seconds": round(seconds, 3), "reason": report.get("reason")}})
     if job.discard:
         return None
     if report.get("status") == "ABORTED" and job.stop_reason:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from xwhep.server.api.deps import authenticate, json_bytes
 from xwhep.server.api.models import AliveIn, SyncIn, json_errors, validation_error
 from xwhep.server.auth import Identity
 from xwhep.server.errors import ApiError, storage_full, storage_full_error
+from xwhep.server.logs import ACCESS, access_line
 from xwhep.server.services.common import event
 from xwhep.server.state import ServerState
 
@@ -33,6 +35,7 @@ _ROUTES: dict[str, tuple[type[BaseModel], Handler]] = {
     "alive": (AliveIn, worker.alive_reply),
 }
 _PATH = re.compile(r"^/api/v1/hosts/([^/]+)/(sync|alive)$")
+_TEMPLATES = {call: f"POST /api/v1/hosts/{{uid}}/{call}" for call in _ROUTES}  # the routes in the metrics
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -47,11 +50,19 @@ class FastPath:
         if scope["type"] == "http" and scope["method"] == "POST":
             m = _PATH.match(scope["path"])
             if m is not None:
-                await self._serve(scope, receive, send, m.group(1), m.group(2))
+                t0 = time.perf_counter()
+                done = await self._serve(scope, receive, send, m.group(1), m.group(2))
+                if done is not None:  # accounted here: the access log middleware never sees these calls
+                    seconds = time.perf_counter() - t0
+                    self.st.metrics.request(_TEMPLATES[m.group(2)], done[0], seconds)
+                    if ACCESS.isEnabledFor(logging.DEBUG):  # one line per call only when asked for
+                        access_line(logging.DEBUG, scope, done[0], seconds, done[1].login if done[1] else None)
                 return
         await self.app(scope, receive, send)
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, uid: str, call: str) -> None:
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, uid: str, call: str
+                     ) -> tuple[int, Identity | None] | None:
+        """Answer the call; its status and caller (None when the full stack answered it)."""
         st = self.st
         ident: Identity | None = None
         try:
@@ -61,7 +72,7 @@ class FastPath:
                     auth = value.decode("latin-1")
                 elif name == b"x-xw-on-behalf-of":  # a mandated call: the full stack decides who is calling
                     await self.app(scope, receive, send)
-                    return
+                    return None
             ident = await authenticate(st, auth)  # before reading the body: strangers get nothing buffered
             body = await _body(receive, st.config.max_json_body)
             model, handler = _ROUTES[call]
@@ -69,22 +80,25 @@ class FastPath:
                 parsed = model.model_validate_json(body)
             except ValidationError as exc:
                 await _reply(send, 400, validation_error(json_errors(model, body, exc)))
-                return
+                return 400, ident
             await _reply(send, 200, await handler(st, ident, uid, parsed))
+            return 200, ident
         except ApiError as exc:
             if exc.status == 403 and ident is not None:  # audited as the application's handler does
                 await st.db.run(event, ident.uid, "access.denied", None, None, None,
                                 f"POST {scope['path']}: {exc.message}"[:2000])
             await _reply(send, exc.status, {"error": exc.message, "field": exc.field}, exc.headers)
+            return exc.status, ident
         except Exception as exc:
             why = storage_full(exc)
             if why is None:
                 log.exception("POST %s failed", scope["path"])
                 await _reply(send, 500, {"error": "internal server error", "field": None})
-                return
+                return 500, ident
             log.error("storage full: POST %s: %s", scope["path"], why)  # one line, not a traceback per worker
             err = storage_full_error(why)
             await _reply(send, err.status, {"error": err.message, "field": err.field}, err.headers)
+            return err.status, ident
 
 
 async def _body(receive: Receive, limit: int) -> bytes:

@@ -339,10 +339,14 @@ class Report(Strict):
 
 class WaitIn(Strict):
     """Long-poll on works' states: answers as soon as one differs from ``known`` (uid → status), all are final,
-    or ``timeout`` seconds passed."""
+    or ``timeout`` seconds passed. Instead of ``works``, a ``group`` (uid or URI) or a ``label``: every work of
+    it the caller reads, with ``known_counts`` (status → count) as known (api/bagwait.py)."""
 
-    works: list[Ref] = Field(min_length=1, max_length=10_000)
+    works: list[Ref] = Field(default_factory=list, max_length=10_000)
     known: dict[Ref, Text] = Field(default_factory=dict)
+    group: Ref | None = None
+    label: Text255 | None = None
+    known_counts: dict[Text32, Count] = Field(default_factory=dict)
     timeout: Seconds = 30.0
 
 

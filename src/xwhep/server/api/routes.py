@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from xwhep import __version__
 from xwhep.core.rights import Action, BadRights, format_rights, parse_rights
@@ -144,6 +144,12 @@ WAIT_INTERVAL = 0.2  # and at most this often (a thousand reports a second need 
 async def wait_works(body: WaitIn, ident: Ident, st: St) -> FastJSON:
     """Long-poll: uid → status as soon as one work's status differs from ``known``, all are final, or ``timeout``
     seconds passed (``xw wait`` asks again until its own deadline)."""
+    if body.group is not None or body.label is not None:
+        from xwhep.server.api.bagwait import wait_bag
+
+        return FastJSON(await wait_bag(body, ident, st))
+    if not body.works:
+        raise bad_request("works: give the works to wait for (or a group or a label)", "works")
     uids = [c.ref(u, "works") for u in body.works]
     known = {c.ref(k, "known"): v for k, v in body.known.items()}
     deadline = time.monotonic() + min(body.timeout, st.config.max_wait)
@@ -257,6 +263,7 @@ async def upload(uid: UidPath, request: Request, ident: Ident, st: St) -> FastJS
         raise bad_request(f"content: {exc}; data {uid} stays UNAVAILABLE", "content") from None
     out, eff = await st.db.run(datas.mark_available, ident, uid, sha, n)
     eff.apply(st)
+    st.metrics.uploaded.inc(n)
     return FastJSON(c.render(out, st.name))
 
 
@@ -277,6 +284,10 @@ class BlobResponse(FileResponse):
 
     chunk_size = 1024 * 1024
 
+    def __init__(self, *args: Any, sent: Any = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.sent = sent  # a counter of the bytes sent (the transfer metrics)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = Headers(scope=scope)
         wanted, if_range = headers.get("range"), headers.get("if-range")
@@ -292,7 +303,17 @@ class BlobResponse(FileResponse):
                 await FastJSON({"error": f"Range: {wanted} is outside the {size} bytes of this data",
                                 "field": "Range"}, 416, {"Content-Range": f"bytes */{size}"})(scope, receive, send)
                 return
-        await super().__call__(scope, receive, send)
+        counter = self.sent
+        if counter is None:
+            await super().__call__(scope, receive, send)
+            return
+
+        async def counting(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body":
+                counter.inc(len(message.get("body", b"")))
+
+        await super().__call__(scope, receive, counting)
 
 
 @router.get("/datas/{uid:uid}/content", response_class=BlobResponse)
@@ -305,7 +326,8 @@ async def download(uid: UidPath, ident: Ident, st: St) -> FileResponse:
     except FileNotFoundError:
         raise ApiError(410, f"data {uid}: content missing from the store", "content") from None
     return BlobResponse(path, media_type="application/octet-stream", filename=row["name"], stat_result=stat,
-                        headers={"X-Xw-Sha256": row["sha256"], "ETag": f'"{row["sha256"]}"'})
+                        headers={"X-Xw-Sha256": row["sha256"], "ETag": f'"{row["sha256"]}"'},
+                        sent=st.metrics.downloaded)
 
 
 @router.get("/datas", response_model=list[S.Data])

@@ -7,6 +7,7 @@ writer means no SQLITE_BUSY. PostgreSQL runs in worker threads from a connection
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -22,7 +23,15 @@ from sqlalchemy.pool import StaticPool
 
 T = TypeVar("T")
 
+PENDING_EVENTS = "xw_events"
+"""Key in ``conn.info`` under which the event writers (services/common.py, db/raw.py) note what a transaction
+logged; :class:`Database` hands the list to its ``listeners`` once the transaction committed, drops it otherwise."""
+EventRow = tuple[int | None, float, str, str | None, str | None, str | None, str | None, str | None]
+"""(id, time, action, object, source, target, detail, actor) of one event written; the id on SQLite only (rows
+of one insert are numbered consecutively there; PostgreSQL draws them from a sequence)."""
+
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger("xwhep.server")
 
 
 def normalize_url(url: str) -> str:
@@ -42,6 +51,11 @@ class Database:
         self._checkpointer: _Checkpointer | None = None
         self._group: list[_Call] = []
         self._flushing: set[asyncio.Future[None]] = set()  # PostgreSQL groups in flight (kept referenced)
+        # called with the events of each committed transaction (metrics, transition log lines); on PostgreSQL
+        # from the worker thread that committed. ``on_commit``: on the event loop after commits made from async
+        # code (wakes the live event streams)
+        self.listeners: list[Callable[[list[EventRow]], None]] = []
+        self.on_commit: Callable[[], None] | None = None
         if self.is_sqlite:
             self.engine = sa.create_engine(self.url, poolclass=StaticPool,
                                            connect_args={"check_same_thread": False})
@@ -70,18 +84,38 @@ class Database:
                     self._checkpointer = _Checkpointer(path)
             try:
                 with self._conn.begin():
-                    return fn(self._conn, *args)
+                    value = _call(self._conn, fn, args)
+                    pending = _take_events(self._conn)
             except BaseException:
                 self._reset_sqlite()
                 raise
-        with self.engine.begin() as conn:
-            return fn(conn, *args)
+        else:
+            with self.engine.begin() as conn:
+                value = _call(conn, fn, args)
+                pending = _take_events(conn)  # before the connection goes back to the pool
+        if pending:
+            self._committed(pending)
+        return value
+
+    def _committed(self, events: list[EventRow]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(events)
+            except Exception:  # an observer must never undo or fail a committed transaction
+                log.exception("event listener failed")
+
+    def _notify(self) -> None:
+        if self.on_commit is not None:
+            self.on_commit()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in one transaction, from async code."""
         if self.is_sqlite:
-            return self.run_sync(fn, *args)
-        return await anyio.to_thread.run_sync(self.run_sync, fn, *args)
+            value = self.run_sync(fn, *args)
+        else:
+            value = await anyio.to_thread.run_sync(self.run_sync, fn, *args)
+        self._notify()
+        return value
 
     async def run_grouped(self, fn: Callable[..., T], *args: Any) -> T:
         """Like :meth:`run`, but the calls made during one turn of the event loop share one transaction (group
@@ -104,6 +138,7 @@ class Database:
         if self._conn is None:
             return
         try:
+            self._conn.info.pop(PENDING_EVENTS, None)  # what the failed transaction noted never happened
             raw = self._conn.connection.dbapi_connection
             if raw is not None and raw.in_transaction:
                 raw.rollback()
@@ -125,16 +160,24 @@ class Database:
             assert conn is not None
             with conn.begin():
                 outcomes = _run_group(conn, group)
+                pending = _take_events(conn)
         except Exception as exc:  # the commit (or the transaction) failed: nothing of the group landed
             self._reset_sqlite()
             _settle(group, [], exc)
             return
+        if pending:
+            self._committed(pending)
         _settle(group, outcomes, None)
+        self._notify()
 
     async def _flush_group_threaded(self, group: list[_Call]) -> None:
         def run() -> list[tuple[asyncio.Future[Any], bool, Any]]:
             with self.engine.begin() as conn:
-                return _run_group(conn, group)
+                outcomes = _call(conn, _run_group, (group,))
+                pending = _take_events(conn)
+            if pending:
+                self._committed(pending)
+            return outcomes
 
         try:
             outcomes = await anyio.to_thread.run_sync(run)
@@ -142,6 +185,7 @@ class Database:
             _settle(group, [], exc)
             return
         _settle(group, outcomes, None)
+        self._notify()
 
     def dispose(self) -> None:
         if self._checkpointer is not None:
@@ -156,19 +200,37 @@ class Database:
 _Call = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 
 
+def _call(conn: sa.Connection, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    """``fn(conn, *args)``; the events it noted are dropped if it fails (its transaction will not commit)."""
+    try:
+        return fn(conn, *args)
+    except BaseException:
+        conn.info.pop(PENDING_EVENTS, None)
+        raise
+
+
+def _take_events(conn: sa.Connection) -> list[EventRow] | None:
+    """The events noted in this transaction (and forget them), taken just before its commit."""
+    return conn.info.pop(PENDING_EVENTS, None)  # type: ignore[no-any-return]
+
+
 def _run_group(conn: sa.Connection, group: list[_Call]) -> list[tuple[asyncio.Future[Any], bool, Any]]:
     """Each call of a group in a savepoint of the caller's transaction; (future, ok, result or exception)."""
     outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
     # savepoints straight through the driver: through SQLAlchemy they cost ~40 µs a call (measured)
     cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
+        info = conn.info
         for fn, args, fut in group:
             if fut.cancelled():  # the caller went away before its turn: do nothing for it
                 continue
             cur.execute("SAVEPOINT xw_call")
+            noted = len(info.get(PENDING_EVENTS) or ())
             try:
                 value = fn(conn, *args)
             except Exception as exc:
+                if noted < len(info.get(PENDING_EVENTS) or ()):  # its events were rolled back with it
+                    del info[PENDING_EVENTS][noted:]
                 cur.execute("ROLLBACK TO SAVEPOINT xw_call")
                 cur.execute("RELEASE SAVEPOINT xw_call")
                 outcomes.append((fut, False, exc))

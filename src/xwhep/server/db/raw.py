@@ -17,6 +17,8 @@ from typing import Any
 import orjson
 from sqlalchemy.engine import Connection
 
+from xwhep.server.db.engine import PENDING_EVENTS, EventRow
+
 _NAMED = re.compile(r"(?<!:):([a-z_][a-z0-9_]*)")
 _IN = re.compile(r"IN_LIST\(:([a-z_][a-z0-9_]*)\)")
 
@@ -175,5 +177,21 @@ EVENT = Insert("events", ("time", "actor", "action", "object", "source", "target
 
 def events(conn: Connection, t: float, batch: Iterable[Mapping[str, Any]]) -> None:
     """Write events (actor, action, object and optionally source, target, detail) in one executemany."""
-    EVENT.tuples(conn, ((t, e["actor"], e["action"], e["object"], e.get("source"), e.get("target"), e.get("detail"))
-                        for e in batch))
+    rows = [(t, e["actor"], e["action"], e["object"], e.get("source"), e.get("target"), e.get("detail"))
+            for e in batch]
+    if not rows:
+        return
+    EVENT.tuples(conn, rows)
+    first = last_rowid(conn) - len(rows) + 1 if conn.dialect.name == "sqlite" else None
+    note_events(conn, [(None if first is None else first + i, r[0], r[2], r[3], r[4], r[5], r[6], r[1])
+                       for i, r in enumerate(rows)])
+
+
+def note_events(conn: Connection, rows: list[EventRow]) -> None:
+    """Note events written in the caller's transaction, (action, object, source, target, detail, actor) each:
+    the database hands them to its listeners (metrics, transition log lines) once the transaction committed."""
+    pending = conn.info.get(PENDING_EVENTS)
+    if pending is None:
+        conn.info[PENDING_EVENTS] = rows
+    else:
+        pending.extend(rows)

@@ -15,6 +15,7 @@ from xwhep.core.rights import Action, Owned, can, format_rights
 from xwhep.core.uri import BadUri, make_uri, to_uid
 from xwhep.server.auth import Identity
 from xwhep.server.db import schema as s
+from xwhep.server.db.raw import last_rowid, note_events
 from xwhep.server.errors import ApiError, bad_request
 
 _TIME_FIELDS = {"created", "modified", "pending_since", "started", "completed", "last_alive", "ended", "time"}
@@ -115,8 +116,11 @@ def visible(table: sa.Table, ident: Identity) -> sa.ColumnElement[bool] | None:
 def event(conn: Connection, actor: str | None, action: str, obj: str | None, source: str | None = None,
           target: str | None = None, detail: str | None = None) -> None:
     # parameters, not .values(...): literal values make SQLAlchemy build a new cache key per call
-    conn.execute(_EVENT, {"time": now(), "actor": actor, "action": action, "object": obj, "source": source,
-                          "target": target, "detail": detail})
+    t = now()
+    r = conn.execute(_EVENT, {"time": t, "actor": actor, "action": action, "object": obj, "source": source,
+                              "target": target, "detail": detail})
+    ident = r.lastrowid if conn.dialect.name == "sqlite" else None
+    note_events(conn, [(ident, t, action, obj, source, target, detail, actor)])
 
 
 _EVENT = s.events.insert()
@@ -132,3 +136,6 @@ def events(conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
             for k in ("actor", "object", "source", "target", "detail"):
                 r.setdefault(k, None)
         conn.execute(s.events.insert(), batch)
+        first = last_rowid(conn) - len(batch) + 1 if conn.dialect.name == "sqlite" else None
+        note_events(conn, [(None if first is None else first + i, r["time"], r["action"], r["object"], r["source"],
+                            r["target"], r["detail"], r["actor"]) for i, r in enumerate(batch)])

@@ -63,7 +63,11 @@ class Effects:
         for rset, host in self.replica_hosts:
             sched.replica_hosts[rset].add(host)
         live = st.liveness
-        live.active_tasks.update(self.tasks_started)
+        if self.tasks_started:
+            live.active_tasks.update(self.tasks_started)
+            st.metrics.dispatched.inc(len(self.tasks_started))
+        if self.tasks_ended:
+            st.metrics.tasks_ended.inc(len(self.tasks_ended))
         for task in self.tasks_ended:
             live.active_tasks.pop(task, None)
             live.tasks.pop(task, None)
