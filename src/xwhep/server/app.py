@@ -202,6 +202,9 @@ def create_app(st: ServerState) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         st.started = time.time()
+        st.metrics.attach(st)  # counters of committed events, gauges at scrape time
+        st.db.listeners.append(logs.transition_lines)  # one INFO line per work transition
+        event_routes.bus_of(st)  # live event streams, woken after commits
         await rebuild(st)
         task = asyncio.create_task(housekeeping(st))
         try:
@@ -228,9 +231,6 @@ def create_app(st: ServerState) -> FastAPI:
     web.install(app)  # the dashboard (/ui/) and /docs, /redoc from local files
     app.include_router(event_routes.router)
     app.include_router(metrics_routes.router)
-    st.metrics.attach(st)  # counters of committed events, gauges at scrape time
-    st.db.listeners.append(logs.transition_lines)  # one INFO line per work transition
-    event_routes.bus_of(st)  # live event streams, woken after commits
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> FastJSON:
@@ -274,7 +274,7 @@ def create_app(st: ServerState) -> FastAPI:
         return FastJSON({"error": "internal server error", "field": None}, status_code=500)
 
     app.add_middleware(RequestGuard, limit=st.config.max_json_body)  # type: ignore[arg-type]
-    app.add_middleware(logs.AccessLog, metrics=st.metrics)  # type: ignore[arg-type]
+    app.add_middleware(logs.AccessLog, state=st)  # type: ignore[arg-type]
     return app
 
 

@@ -55,9 +55,9 @@ class AccessLog:
     """ASGI middleware: one access log line (INFO) and the request metrics per HTTP request it sees (everything
     but the workers' hot calls, which :mod:`~xwhep.server.api.fastpath` serves and accounts for itself)."""
 
-    def __init__(self, app: ASGIApp, metrics: Any) -> None:
+    def __init__(self, app: ASGIApp, state: Any) -> None:
         self.app = app
-        self.metrics = metrics
+        self.state = state  # its metrics are read per request: the app is built before the server state is used
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,7 +77,7 @@ class AccessLog:
         finally:
             seconds = time.perf_counter() - t0
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.request(f"{scope['method']} {route}", status, seconds)
+            self.state.metrics.request(f"{scope['method']} {route}", status, seconds)
             if ACCESS.isEnabledFor(logging.INFO):
                 ident = (scope.get("state") or {}).get("ident")
                 access_line(logging.INFO, scope, status, seconds, getattr(ident, "login", None))

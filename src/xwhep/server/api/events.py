@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from xwhep.core.rights import Action
 from xwhep.server.api.deps import identity, state_dep
+from xwhep.server.api.models import QUERY_INT64, RefQuery
 from xwhep.server.auth import Identity
 from xwhep.server.db import schema as s
 from xwhep.server.errors import ApiError, bad_request
@@ -68,11 +69,16 @@ class EventStreamResponse(StreamingResponse):
             tg.cancel_scope.cancel()
 
 
-@router.get("/events/stream", response_class=EventStreamResponse)
-async def event_stream(request: Request, ident: Ident, st: St, object: str | None = None,
+@router.get("/events/stream", response_class=EventStreamResponse, status_code=200, responses={200: {
+    "description": "Server-Sent Events: ``id:`` the event id, ``event:`` its action, ``data:`` the event as GET "
+                   "/events renders it; ``: keepalive`` comments; ``event: end`` when the server ends the stream",
+    "content": {"text/event-stream": {"schema": {  # one event (each field of the SSE wire format)
+        "type": "object", "properties": {"id": {"type": "string"}, "event": {"type": "string"},
+                                         "data": {"type": "string"}, "retry": {"type": "integer"}}}}}}})
+async def event_stream(request: Request, ident: Ident, st: St, object: RefQuery = None,
                        action: Annotated[str | None, Query(max_length=64)] = None,
-                       group: str | None = None, label: Annotated[str | None, Query(max_length=255)] = None,
-                       last_event_id: Annotated[int | None, Query(ge=0)] = None) -> EventStreamResponse:
+                       group: RefQuery = None, label: Annotated[str | None, Query(max_length=255)] = None,
+                       last_event_id: Annotated[int | None, Query(**QUERY_INT64)] = None) -> EventStreamResponse:
     """Events as they are committed (Server-Sent Events), only those the caller may see; see the module's doc."""
     header = request.headers.get("last-event-id")
     if header is not None and header.strip():

@@ -21,7 +21,9 @@ router = APIRouter(tags=["metrics"])
 St = Annotated[ServerState, Depends(state_dep)]
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "The Prometheus text exposition format",
+    "content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request, st: St) -> Response:
     """Prometheus metrics: works by status and owner class, dispatch and report rates, queue age, hosts alive by
     sharing, tunnels, transfers, request latencies, the server process. Needs the metrics token or an

@@ -140,7 +140,7 @@ WAIT_SLICE = 2.0  # a waiting request re-reads the states at least this often (o
 WAIT_INTERVAL = 0.2  # and at most this often (a thousand reports a second need not mean a thousand reads)
 
 
-@router.post("/works/wait", response_model=S.Statuses)
+@router.post("/works/wait", response_model=S.Statuses | S.BagCounts)
 async def wait_works(body: WaitIn, ident: Ident, st: St) -> FastJSON:
     """Long-poll: uid → status as soon as one work's status differs from ``known``, all are final, or ``timeout``
     seconds passed (``xw wait`` asks again until its own deadline)."""
@@ -316,7 +316,7 @@ class BlobResponse(FileResponse):
         await super().__call__(scope, receive, counting)
 
 
-@router.get("/datas/{uid:uid}/content", response_class=BlobResponse)
+@router.get("/datas/{uid:uid}/content", response_class=BlobResponse, status_code=200)
 async def download(uid: UidPath, ident: Ident, st: St) -> FileResponse:
     """The bytes, with HTTP Range support (resume); ``X-Xw-Sha256`` carries the checksum."""
     row = await st.db.run(datas.check_download, ident, c.ref(uid, "uid"))

@@ -126,6 +126,14 @@ class Statuses(Out):
     works: dict[str, str]
 
 
+class BagCounts(Out):
+    """The works of a group or with a label: how many in each status, and whether all are final."""
+
+    counts: dict[str, int]
+    total: int
+    final: bool
+
+
 class Deleted(Out):
     deleted: str
 
