@@ -16,16 +16,13 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
 import pytest
-from cluster import ServerProc
+from client.pygrid import PyGrid, leftovers
 from sdkworker import wait_for
-from workerproc import WorkerProc
 
 import xwhep
 from xwhep.bridges import RemoteError, RemoteTraceback, WorkFailed
@@ -39,35 +36,7 @@ pytestmark = [
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-FAST = ["--alive-period", "0.5", "--alive-timeout", "3"]
-POOLS = (2, 3)
 NEVER = {"min_memory": 2**31 - 1}  # MB (2 PiB): no host has that much, so such works stay PENDING
-
-
-@dataclass
-class Grid:
-    server: ServerProc
-    client: Client
-    workers: list[WorkerProc]
-
-
-@pytest.fixture(scope="module")
-def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
-    root = tmp_path_factory.mktemp("xgrid")
-    server = ServerProc(home=root / "server", args=FAST).start()
-    workers: list[WorkerProc] = []
-    client = server.client()
-    try:
-        for i, pool in enumerate(POOLS):
-            workers.append(WorkerProc(server, root / f"w{i}", pool=pool).start())
-        for w in workers:
-            w.wait_status(lambda s: bool(s.get("host")), 30, "the worker to register")
-        yield Grid(server, client, workers)
-    finally:
-        for w in workers:
-            w.stop()
-        client.close()
-        server.stop()
 
 
 # --- the functions the works run -----------------------------------------------------------------------------------
@@ -104,17 +73,10 @@ def deleted_works(c: Client) -> set[str]:
     return {e["object"] for e in c.events(limit=100_000) if e["action"] == "work.delete"}
 
 
-def leftovers(c: Client, label: str) -> tuple[list[str], list[str]]:
-    """The executor's works and data still on the server (all carry its label)."""
-    works = [w["uid"] for w in c.works() if (w.get("label") or "").startswith(label)]
-    datas = [d["uid"] for d in c.datas() if d["name"].startswith(label)]
-    return works, datas
-
-
 # --- tests ---------------------------------------------------------------------------------------------------------
 
-def test_map_of_1000_calls_runs_on_real_workers_in_order_and_leaves_nothing(grid: Grid) -> None:
-    c = grid.client
+def test_map_of_1000_calls_runs_on_real_workers_in_order_and_leaves_nothing(pygrid: PyGrid) -> None:
+    c = pygrid.client
     before = submitted_works(c)
     t0 = time.monotonic()
     with xwhep.Executor(c) as ex:
@@ -130,8 +92,8 @@ def test_map_of_1000_calls_runs_on_real_workers_in_order_and_leaves_nothing(grid
     print(f"\n1,000 calls (100 works) in {took:.1f} s: {1000 / took:.0f} calls/s")
 
 
-def test_remote_value_error_arrives_as_value_error_with_its_traceback(grid: Grid) -> None:
-    with xwhep.Executor(grid.client) as ex:
+def test_remote_value_error_arrives_as_value_error_with_its_traceback(pygrid: PyGrid) -> None:
+    with xwhep.Executor(pygrid.client) as ex:
         ok = ex.submit(fail_on, 1, bad=3)
         bad = ex.submit(fail_on, 3, bad=3)
         with pytest.raises(ValueError, match="bad input 3") as info:
@@ -144,8 +106,8 @@ def test_remote_value_error_arrives_as_value_error_with_its_traceback(grid: Grid
     assert any("raised in work xw://" in n for n in info.value.__notes__)
 
 
-def test_an_exception_that_cannot_travel_arrives_as_remote_error(grid: Grid) -> None:
-    with xwhep.Executor(grid.client) as ex:
+def test_an_exception_that_cannot_travel_arrives_as_remote_error(pygrid: PyGrid) -> None:
+    with xwhep.Executor(pygrid.client) as ex:
         with pytest.raises(RemoteError) as info:
             ex.submit(raise_unpicklable).result(timeout=60)
         with pytest.raises(TypeError, match="cannot pickle") as info2:
@@ -155,8 +117,8 @@ def test_an_exception_that_cannot_travel_arrives_as_remote_error(grid: Grid) -> 
     assert "xwhep: the return value cannot be pickled" in info2.value.__notes__
 
 
-def test_chunked_map_raises_at_the_failing_call_in_order(grid: Grid) -> None:
-    with xwhep.Executor(grid.client) as ex:
+def test_chunked_map_raises_at_the_failing_call_in_order(pygrid: PyGrid) -> None:
+    with xwhep.Executor(pygrid.client) as ex:
         it = ex.map(fail_on, range(20), [7] * 20, chunksize=4)
         got = [next(it) for _ in range(7)]
         with pytest.raises(ValueError, match="bad input 7"):
@@ -164,15 +126,15 @@ def test_chunked_map_raises_at_the_failing_call_in_order(grid: Grid) -> None:
     assert got == [x + 1 for x in range(7)]
 
 
-def test_submit_batches_and_futures_complete_as_completed(grid: Grid) -> None:
-    with xwhep.Executor(grid.client) as ex:
+def test_submit_batches_and_futures_complete_as_completed(pygrid: PyGrid) -> None:
+    with xwhep.Executor(pygrid.client) as ex:
         fs = {ex.submit(square_where, i): i for i in range(30)}
         done = {fs[f]: f.result()[0] for f in cf.as_completed(fs, timeout=120)}
     assert done == {i: i * i for i in range(30)}
 
 
-def test_cancel_of_pending_futures_cancels_their_works_on_the_server(grid: Grid) -> None:
-    c = grid.client
+def test_cancel_of_pending_futures_cancels_their_works_on_the_server(pygrid: PyGrid) -> None:
+    c = pygrid.client
     ex = xwhep.Executor(c, keep=True, **NEVER)
     try:
         fs = [ex.submit(where) for _ in range(4)]
@@ -195,8 +157,8 @@ def test_cancel_of_pending_futures_cancels_their_works_on_the_server(grid: Grid)
         c.delete_bag("session", ex.session)
 
 
-def test_wall_clock_kill_fails_the_future_saying_so(grid: Grid) -> None:
-    with xwhep.Executor(grid.client) as ex:
+def test_wall_clock_kill_fails_the_future_saying_so(pygrid: PyGrid) -> None:
+    with xwhep.Executor(pygrid.client) as ex:
         f = ex.submit_with({"wallclock": 1}, time.sleep, 120)
         with pytest.raises(WorkFailed, match=r"ended FAILED: wall-clock limit exceeded \(1 s\)") as info:
             f.result(timeout=90)
@@ -204,8 +166,8 @@ def test_wall_clock_kill_fails_the_future_saying_so(grid: Grid) -> None:
     assert info.value.work.startswith("xw://")
 
 
-def test_shutdown_without_waiting_cancelling_leaves_no_works_behind(grid: Grid) -> None:
-    c = grid.client
+def test_shutdown_without_waiting_cancelling_leaves_no_works_behind(pygrid: PyGrid) -> None:
+    c = pygrid.client
     ex = xwhep.Executor(c)
     label = ex.label
     fs = [ex.submit(time.sleep, 0.2) for _ in range(60)]
@@ -221,8 +183,8 @@ def test_shutdown_without_waiting_cancelling_leaves_no_works_behind(grid: Grid) 
         ex.submit(where)
 
 
-def test_large_arguments_travel_as_data_and_are_removed(grid: Grid) -> None:
-    c = grid.client
+def test_large_arguments_travel_as_data_and_are_removed(pygrid: PyGrid) -> None:
+    c = pygrid.client
     with xwhep.Executor(c) as ex:
         payload = os.urandom(200_000)  # far past what rides in a work's arguments
         assert ex.submit(bytes.hex, payload).result(timeout=60) == payload.hex()
@@ -230,20 +192,20 @@ def test_large_arguments_travel_as_data_and_are_removed(grid: Grid) -> None:
     assert leftovers(c, label) == ([], [])
 
 
-def test_interpreter_mismatch_fails_clearly_in_the_job(grid: Grid) -> None:
-    with xwhep.Executor(grid.client) as ex:
+def test_interpreter_mismatch_fails_clearly_in_the_job(pygrid: PyGrid) -> None:
+    with xwhep.Executor(pygrid.client) as ex:
         ex._pyver = "3.0"  # as if the caller ran Python 3.0: the job checks before unpickling anything
         with pytest.raises(RemoteError, match=r"the job's Python is 3\.\d+\.\d+ .* the caller's is 3\.0") as info:
             ex.submit(where).result(timeout=60)
     assert info.value.type_name == "interpreter"
 
 
-def test_function_of_a_module_the_job_cannot_import_fails_clearly(grid: Grid) -> None:
+def test_function_of_a_module_the_job_cannot_import_fails_clearly(pygrid: PyGrid) -> None:
     mod = types.ModuleType("xw_not_on_workers")
     exec("def double(x):\n    return 2 * x\n", mod.__dict__)
     sys.modules[mod.__name__] = mod  # importable here, so cloudpickle pickles it by reference
     try:
-        with xwhep.Executor(grid.client) as ex:
+        with xwhep.Executor(pygrid.client) as ex:
             with pytest.raises(RemoteError, match=r"cannot unpickle the function.*register_pickle_by_value"):
                 ex.submit(mod.double, 2).result(timeout=60)
             cloudpickle.register_pickle_by_value(mod)
@@ -255,14 +217,14 @@ def test_function_of_a_module_the_job_cannot_import_fails_clearly(grid: Grid) ->
         del sys.modules[mod.__name__]
 
 
-def test_executors_share_one_runner_app(grid: Grid) -> None:
-    c = grid.client
+def test_executors_share_one_runner_app(pygrid: PyGrid) -> None:
+    c = pygrid.client
     with xwhep.Executor(c) as a, xwhep.Executor(c) as b:
         assert a.app == b.app
         assert a.submit(where).result(timeout=60) == "xwjob"
     assert len([x for x in c.apps() if x["name"].startswith(APP_PREFIX)]) == 1
 
 
-def test_unknown_work_option_is_refused_at_once(grid: Grid, tmp_path: Path) -> None:
+def test_unknown_work_option_is_refused_at_once(pygrid: PyGrid, tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="wallclok"):
-        xwhep.Executor(grid.client, wallclok=3)
+        xwhep.Executor(pygrid.client, wallclok=3)
