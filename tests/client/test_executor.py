@@ -183,6 +183,22 @@ def test_shutdown_without_waiting_cancelling_leaves_no_works_behind(pygrid: PyGr
         ex.submit(where)
 
 
+def test_shutdown_before_any_call_started_deletes_the_session_at_once(pygrid: PyGrid) -> None:
+    c = pygrid.client
+    ex = xwhep.Executor(c, **NEVER)
+    fs = [ex.submit(where) for _ in range(40)]
+    payload = ex.submit(bytes.hex, os.urandom(100_000))  # one with its arguments in a data of their own
+    wait_for(lambda: all(f.work for f in [*fs, payload]), 30, "the works to be submitted")  # type: ignore
+    works = {f.work for f in [*fs, payload]}  # type: ignore[attr-defined]
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert all(f.cancelled() for f in [*fs, payload])
+    wait_for(lambda: leftovers(c, ex.label) == ([], []), 60, "the executor's works and data to be gone")
+    events = c.events(limit=100_000)
+    assert any(e["action"] == "session.delete" and e["object"] == ex.session for e in events)
+    # gone with their session: none was cancelled one by one
+    assert not [e for e in events if e["object"] in works and e.get("target") == "ERROR"]
+
+
 def test_large_arguments_travel_as_data_and_are_removed(pygrid: PyGrid) -> None:
     c = pygrid.client
     with xwhep.Executor(c) as ex:

@@ -293,12 +293,20 @@ class Executor(_BaseExecutor):
         unless ``keep``). Without ``wait`` that goes on in the background."""
         with self._lock:
             self._shutdown = True
-            everything = [*self._queue, *self._live.values()]
+            queued, live = list(self._queue), list(self._live.values())
+            # When no call has started, deleting the session removes every work in one request (instead of a
+            # cancel and a delete per work); the works are marked so that nothing else acts on them meanwhile.
+            bulk = (cancel_futures and not self.keep and bool(live) and not self._in_flight
+                    and not any(w.started for w in live))
+            if bulk:
+                for w in live:
+                    w.cancel_sent = w.finishing = True
         if cancel_futures:
-            for w in everything:
+            for w in [*queued, *live]:
                 for f in w.futures:
-                    f.cancel()
-            self._cancel_all_remote()
+                    f.cancel()  # one cancel request per work whose calls are all cancelled (not in bulk)
+            if bulk:
+                self._drop_session(live)
         with self._lock:
             self._changed.notify_all()
         if wait:
@@ -487,19 +495,15 @@ class Executor(_BaseExecutor):
             if w is None or w.finishing:
                 return
             w.status = status
+            # decided under the lock: shutdown() bulk-deletes only works that no one is starting
+            start = (status in RUNNING or status in FINAL) and not w.started
+            w.started = w.started or start
             if status in FINAL:
                 w.finishing = True
-        if status in RUNNING or status in FINAL:
-            self._start(w)
+        if start:
+            _running(w.futures)
         if status in FINAL:
             self._pool.submit(self._finish_work, w)
-
-    @staticmethod
-    def _start(w: _Work) -> None:
-        if w.started:
-            return
-        w.started = True
-        _running(w.futures)
 
     def _vanished(self, uid: str) -> None:
         """The server knows this work no more: deleted by us (a cancellation), or by someone else."""
@@ -508,7 +512,6 @@ class Executor(_BaseExecutor):
             self._changed.notify_all()
         if w is None or w.all_cancelled():
             return
-        self._start(w)
         _fail(w, WorkFailed(f"work {self.client.uri(uid)} no longer exists on the server (deleted)", uid))
 
     # -- the fetchers ---------------------------------------------------------------------------------------------
@@ -602,31 +605,19 @@ class Executor(_BaseExecutor):
             if exc.status not in (404, 409):  # gone, or already final: nothing left to stop
                 log.warning("xwhep.Executor: could not cancel work %s: %s", uid, exc)
 
-    def _cancel_all_remote(self) -> None:
-        """After shutdown(cancel_futures=True): stop every work whose calls are all cancelled. When no other work
-        remains, deleting the session removes them all in one request."""
-        with self._lock:
-            live = list(self._live.values())
-            all_gone = not self._in_flight and all(w.all_cancelled() for w in live)
-            if all_gone and not self.keep:
-                for w in live:
-                    w.finishing = True
-        if all_gone and not self.keep and live:
-            try:
-                self._retry("deleting the session", lambda: self.client.delete_bag("session", self.session))
-            except XwError as exc:
-                log.warning("xwhep.Executor: could not delete session %s: %s", self.session, exc)
-            for w in live:
-                if w.args_data:
-                    self._spawn(self._cleanup_data, w.args_data)
-            with self._lock:
-                for w in live:
-                    self._live.pop(str(w.uid), None)
-                self._changed.notify_all()
-            return
+    def _drop_session(self, live: list[_Work]) -> None:
+        """Delete the session with all its works (none of which has started), then their arguments' data."""
+        try:
+            self._retry("deleting the session", lambda: self.client.delete_bag("session", self.session))
+        except XwError as exc:
+            log.warning("xwhep.Executor: could not delete session %s: %s", self.session, exc)
         for w in live:
-            if w.all_cancelled():
-                self._cancelled(w)
+            if w.args_data:
+                self._spawn(self._cleanup_data, w.args_data)
+        with self._lock:
+            for w in live:
+                self._live.pop(str(w.uid), None)
+            self._changed.notify_all()
 
     def _cleanup_data(self, uid: str) -> None:
         try:
