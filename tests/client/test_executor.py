@@ -199,6 +199,32 @@ def test_shutdown_before_any_call_started_deletes_the_session_at_once(pygrid: Py
     assert not [e for e in events if e["object"] in works and e.get("target") == "ERROR"]
 
 
+def test_a_submission_whose_answer_was_lost_is_found_not_sent_twice(pygrid: PyGrid) -> None:
+    c = pygrid.client
+    with xwhep.Executor(c, **NEVER) as ex:
+        works = [ex._make_work(ex._dumps(where), [((), {})], {}) for _ in range(3)]
+        specs = [{"app": ex.app, "session": ex.session, "label": w.label, "args": "1 3.11 x", **NEVER}
+                 for w in works]
+        sent = c.submit_bag(specs[:2])  # the server carried these out, and the answer never came back
+        rest = ex._recover(list(zip(works, specs, strict=True)))
+        assert [w for w, _ in rest] == [works[2]]  # only the one that did not arrive goes again
+        assert [w.uid for w in works[:2]] == [s["uid"] for s in sent]
+        assert len(c.works(session=ex.session)) == 2
+        ex.shutdown(cancel_futures=True)
+    assert leftovers(c, ex.label) == ([], [])
+
+
+def test_calls_survive_a_server_restart(pygrid: PyGrid) -> None:
+    c = pygrid.client
+    with xwhep.Executor(c) as ex:
+        fs = [ex.submit(fail_on, i, bad=-1) for i in range(30)]
+        wait_for(lambda: any(f.done() for f in fs), 60, "a first call to end")
+        pygrid.server.kill()  # kill -9, mid-run: every thread of the executor meets a refused connection
+        pygrid.server.start()
+        assert [f.result(timeout=120) for f in fs] == [i + 1 for i in range(30)]
+    assert leftovers(c, ex.label) == ([], [])
+
+
 def test_large_arguments_travel_as_data_and_are_removed(pygrid: PyGrid) -> None:
     c = pygrid.client
     with xwhep.Executor(c) as ex:
