@@ -420,7 +420,7 @@ class Executor(_BaseExecutor):
                 w.uid, w.status = str(res["uid"]), str(res["status"])
             pending = []
         for w in batch:
-            w.fn_bytes = b""  # uploaded: no need to hold it any longer
+            w.fn_bytes = w.calls = b""  # on the server now: a long map holds no pickles while it runs
 
     def _recover(self, pending: list[tuple[_Work, dict[str, Any]]]) -> list[tuple[_Work, dict[str, Any]]]:
         try:
