@@ -7,7 +7,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
 
-__all__ = ["Client", "XwError", "__version__"]
+__all__ = ["Client", "Executor", "XwError", "__version__"]
 
 
 def __getattr__(name: str) -> object:
@@ -16,4 +16,8 @@ def __getattr__(name: str) -> object:
         from xwhep.client import sdk
 
         return getattr(sdk, name)
+    if name == "Executor":  # the concurrent.futures bridge (needs the "executor" extra: cloudpickle)
+        from xwhep.bridges.executor import Executor
+
+        return Executor
     raise AttributeError(name)

@@ -315,6 +315,25 @@ class Client:
     def data(self, ref: str) -> dict[str, Any]:
         return self._json("GET", f"/datas/{uid_of(ref)}")  # type: ignore[no-any-return]
 
+    def put_bytes(self, content: bytes, name: str, access_rights: str | None = None,
+                  type: str | None = None) -> dict[str, Any]:
+        """Send bytes held in memory as a new data (no upload when the server already has them for you)."""
+        sha = hashlib.sha256(content).hexdigest()
+        data = self.create_data(name, len(content), sha, type, access_rights)
+        if data["status"] != "AVAILABLE":
+            headers = {"Content-Type": "application/octet-stream", "X-Xw-Sha256": sha}
+            data = self._json("PUT", f"/datas/{data['uid']}/content", content=content, headers=headers)
+        return data
+
+    def read_bytes(self, ref: str, expected_sha256: str | None = None) -> bytes:
+        """A data's whole content in memory (small data: results of Python calls), sha256 verified."""
+        uid = uid_of(ref)
+        r = self._send("GET", f"/datas/{uid}/content", timeout=httpx.Timeout(None, connect=15.0))
+        sha = r.headers.get("x-xw-sha256") or expected_sha256
+        if sha and hashlib.sha256(r.content).hexdigest() != sha:
+            raise XwError(f"download of {uid}: sha256 mismatch (expected {sha})")
+        return r.content
+
     def datas(self, page: int = 10_000) -> list[dict[str, Any]]:
         """Every data the caller may read (fetched ``page`` at a time, in uid order)."""
         out: list[dict[str, Any]] = []
@@ -530,6 +549,14 @@ class Client:
                                     "group": uid_of(group) if group else None, "label": label}.items()
                   if v is not None}
         return EventStream(self, params, after, on_notice)
+
+    def poll_works(self, refs: Iterable[str], known: dict[str, str] | None = None,
+                   timeout: float = 30.0) -> dict[str, str]:
+        """One long-poll round (at most 10,000 works): uid → status as soon as one work's status differs from
+        ``known``, all are final, or ``timeout`` seconds passed. :meth:`wait` loops over it."""
+        body = {"works": [uid_of(r) for r in refs], "known": known or {}, "timeout": timeout}
+        return self._json("POST", "/works/wait", json=body,  # type: ignore[no-any-return]
+                          timeout=httpx.Timeout(timeout + 30.0, connect=15.0))["works"]
 
     def fetch_result(self, ref: str, dest_dir: str | os.PathLike[str] = ".", progress: Progress | None = None) -> Path:
         """Download a completed work's result into ``dest_dir``; size and sha256 verified."""
