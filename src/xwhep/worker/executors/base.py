@@ -47,7 +47,8 @@ class VmSpec:
     The guest boots ``kernel`` + ``initrd`` directly (``append`` is the kernel command line), or the template
     ``disk`` through its own boot loader, or both (a root disk booted by a given kernel). ``disk`` is never
     written: each run boots a copy-on-write overlay of it, removed afterwards. ``disk_format`` is stated, never
-    guessed (a raw disk holding a qcow2 header must not be read as qcow2). ``memory_mb``/``cpus`` size the VM;
+    guessed (a raw disk holding a qcow2 header must not be read as qcow2); QEMU reads all four, VirtualBox all but
+    qcow2. ``memory_mb``/``cpus`` size the VM;
     ``disk_mb`` is the room the job gets in ``/job`` beyond its inputs. ``listen_ports`` are guest TCP ports the
     tunnel layer may connect to (through ``JobSpec.unix_socket_dir``, as for native jobs); a job argv already
     wrapped in the tunnel forwarder (``TunnelManager.wrap``) adds its ``--listen`` ports too.
@@ -60,7 +61,7 @@ class VmSpec:
     initrd: Path | None = None
     append: str = ""
     disk: Path | None = None
-    disk_format: Literal["qcow2", "raw"] = "qcow2"
+    disk_format: Literal["qcow2", "raw", "vdi", "vmdk"] = "qcow2"
     cpus: int = 1
     memory_mb: int = 256
     disk_mb: int = 256
