@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from xwhep.vm.guestio import MAGIC_JOB, RESULT_OFFSET
+from xwhep.vm.guestio import MAGIC_JOB
 from xwhep.worker.executors import ExecutorError, JobSpec
 from xwhep.worker.executors.base import VmSpec
 from xwhep.worker.executors.virtualbox import VirtualBoxExecutor
@@ -109,8 +109,13 @@ def play_guest(hv: Hypervisor, name: str, tmp_path: Path, rc: int) -> dict[str, 
     assert job.read_bytes()[:len(MAGIC_JOB)] == MAGIC_JOB
     inp = subprocess.run(["debugfs", "-R", "cat /in/input.txt", str(job)], capture_output=True, text=True,
                          check=True).stdout
-    run_sh = subprocess.run(["isoinfo", "-R", "-x", "/xw/run.sh", "-i", att["3"]["medium"]], capture_output=True,
-                            text=True, check=True).stdout
+    run_sh = subprocess.run(["debugfs", "-R", "cat /xw/run.sh", str(job)], capture_output=True, text=True,
+                            check=True).stdout
+    env = subprocess.run(["debugfs", "-R", "cat /xw/job.env", str(job)], capture_output=True, text=True,
+                         check=True).stdout
+    offset = int(dict(line.split("=", 1) for line in env.split())["XW_OUT_OFFSET"])
+    user_data = subprocess.run(["isoinfo", "-R", "-x", "/user-data", "-i", att["2"]["medium"]],
+                               capture_output=True, text=True, check=True).stdout
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         for name_, data in (("log/rc", f"{rc}\n".encode()), ("log/stdout.txt", b"guest says " + inp.encode()),
@@ -118,15 +123,16 @@ def play_guest(hv: Hypervisor, name: str, tmp_path: Path, rc: int) -> dict[str, 
             info = tarfile.TarInfo(name_)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    with open(att["2"]["medium"], "r+b") as f:
-        f.seek(VDI_HEADER + RESULT_OFFSET)
+    with open(att["1"]["medium"], "r+b") as f:
+        f.seek(VDI_HEADER + offset)
         f.write(buf.getvalue())
 
     def poweroff(doc: dict[str, Any]) -> None:
         doc["vms"][name]["state"] = "poweroff"
 
     hv.edit(poweroff)
-    return {"attachments": att, "run_sh": run_sh, "settings": vm["settings"], "controllers": vm["controllers"]}
+    return {"attachments": att, "run_sh": run_sh, "settings": vm["settings"], "controllers": vm["controllers"],
+            "user_data": user_data}
 
 
 def test_a_vm_job_follows_the_vboxmanage_contract(hv: Hypervisor, template: Path, root: Path,
@@ -148,17 +154,18 @@ def test_a_vm_job_follows_the_vboxmanage_contract(hv: Hypervisor, template: Path
     doc = hv.load()
     assert doc.get("refused", []) == []
     calls = hv.calls()
-    assert calls[:4] == ["convertfromraw"] * 3 + ["createvm"]
-    assert calls[4:11] == ["modifyvm", "storagectl", *["storageattach"] * 4, "startvm"]
-    assert set(calls[11:-3]) == {"showvminfo"} and calls[-3:] == ["clonemedium", "showvminfo", "unregistervm"]
+    assert calls[:3] == ["convertfromraw"] * 2 + ["createvm"]
+    assert calls[3:9] == ["modifyvm", "storagectl", *["storageattach"] * 3, "startvm"]
+    assert set(calls[9:-3]) == {"showvminfo"} and calls[-3:] == ["clonemedium", "showvminfo", "unregistervm"]
     # what was asked of VirtualBox
     s = seen["settings"]
     assert s["--memory"] == ["512"] and s["--cpus"] == ["2"] and s["--ioapic"] == ["on"]
     assert s["--nic1"] == ["none"] and s["--boot1"] == ["disk"]
-    assert seen["controllers"] == {"SATA": {"bus": "sata", "ports": 4}}
+    assert seen["controllers"] == {"SATA": {"bus": "sata", "ports": 3}}
     att = seen["attachments"]
     assert att["0"]["mtype"] == "multiattach" and att["0"]["medium"].endswith(".vdi")
-    assert att["3"]["type"] == "dvddrive" and "exec sh -c 'compute > output.txt'" in seen["run_sh"]
+    assert att["1"]["type"] == "hdd" and "exec sh -c 'compute > output.txt'" in seen["run_sh"]
+    assert att["2"]["type"] == "dvddrive" and seen["user_data"].startswith("#cloud-config")
     # nothing left: no VM registered, no run dir; the template (its VDI made once) untouched
     assert doc["vms"] == {}
     assert sorted(p.name for p in root.iterdir()) == ["job", "log"]
@@ -171,7 +178,7 @@ def test_a_vm_job_follows_the_vboxmanage_contract(hv: Hypervisor, template: Path
     out = running.wait(120)
     guest.join()
     assert (out.status, out.return_code) == ("COMPLETED", 7)
-    assert hv.calls()[len(calls):len(calls) + 3] == ["convertfromraw", "convertfromraw", "createvm"]
+    assert hv.calls()[len(calls):len(calls) + 2] == ["convertfromraw", "createvm"]
 
 
 def test_wall_clock_and_stop_power_the_vm_off(hv: Hypervisor, template: Path, root: Path, tmp_path: Path) -> None:

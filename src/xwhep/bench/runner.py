@@ -27,6 +27,7 @@ OWNS: dict[str, list[str]] = {
     "transfer": ["upload_ratio_vs_raw", "download_ratio_vs_raw"],
     "relay": ["relay_ratio_vs_ssh", "relay_connect_p50_ms"],
     "sandbox": ["sandbox_overhead_ms"],
+    "vm": ["vm_overhead_ratio", "vm_job_start_s", "vm_bare_boot_s", "container_overhead_ratio", "debian_ssh_ready_s"],
 }
 
 
@@ -73,11 +74,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def _runners(settings: Settings, pg: Postgres) -> dict[str, Callable[[], Result]]:
-    from xwhep.bench import dispatch, relay, sandbox, scale, throughput, transfer
+    from xwhep.bench import dispatch, relay, sandbox, scale, throughput, transfer, vm
 
     return {"throughput": lambda: throughput.run(settings, pg), "dispatch": lambda: dispatch.run(settings),
             "scale": lambda: scale.run(settings), "transfer": lambda: transfer.run(settings),
-            "relay": lambda: relay.run(settings), "sandbox": lambda: sandbox.run(settings)}
+            "relay": lambda: relay.run(settings), "sandbox": lambda: sandbox.run(settings),
+            "vm": lambda: vm.run(settings)}
 
 
 def run(settings: Settings, only: list[str] | None, out: Path, plot: bool = True) -> dict[str, Any]:

@@ -1,17 +1,18 @@
 """What a VM job's guest is given and gives back (guest protocol 1, see :mod:`xwhep.vm`).
 
-* the **job disk** (:func:`make_job_disk`): ext4 made on the host with ``mkfs.ext4 -d`` from a staged tree,
-  ``in/`` (the job dir) and ``stdin``; the magic ``XWHEPJOB1`` in its first bytes (unused by ext4);
-* the **result disk** (:func:`make_result_disk`): an empty sparse raw file with the magic ``XWHEPOUT1``; the
-  guest agent writes one tar stream at 1 MiB: ``log/rc``, ``log/error``, ``log/stdout.txt``, ``log/stderr.txt``,
-  the ``job/`` tree (the files the job created or changed), then ``log/end``;
+* the **job disk** (:func:`make_job_disk`): one raw file. Its first part is an ext4 filesystem made on the host
+  with ``mkfs.ext4 -d`` from a staged tree — ``in/`` (the job dir), ``stdin``, ``xw/`` (the agent, the job's
+  ``run.sh``, ``job.env``, the contextualization script) — with the magic ``XWHEPJOB1`` in its first bytes (unused
+  by ext4). Past the filesystem's end, at ``JobDisk.result_offset``, the guest agent writes one tar stream:
+  ``log/rc``, ``log/error``, ``log/stdout.txt``, ``log/stderr.txt``, the ``job/`` tree (the files the job created
+  or changed), then ``log/end``. One disk: every disk costs the guest's boot a probe (a tenth of a second each
+  under TCG).
 * the **seed** (:func:`make_seed`): a NoCloud ISO (volume ``cidata``: ``user-data``, ``meta-data``,
-  ``network-config``) for cloud-init images, plus ``xw/`` (the agent, the job's ``run.sh``, ``job.env``, the
-  contextualization script) for every image; the magic ``XWHEPSEED1`` in the ISO's unused system area.
+  ``network-config``), only for images that boot with cloud-init.
 
-The host never mounts or parses a filesystem the guest wrote: :func:`read_results` reads the result disk as a tar
-stream with Python's :mod:`tarfile` (bounded by the disk's size) and writes only regular files, under the job dir,
-through directory file descriptors opened without following links.
+The host never mounts or parses a filesystem the guest wrote: :func:`read_results` reads the result stream with
+Python's :mod:`tarfile` (bounded by the disk's size) and writes only regular files, under the job dir, through
+directory file descriptors opened without following links.
 """
 
 from __future__ import annotations
@@ -34,13 +35,11 @@ from typing import BinaryIO
 __all__ = [
     "AGENT",
     "MAGIC_JOB",
-    "MAGIC_OUT",
-    "MAGIC_SEED",
-    "RESULT_OFFSET",
     "GuestIOError",
     "GuestResult",
+    "JobDisk",
+    "SeedContent",
     "make_job_disk",
-    "make_result_disk",
     "make_seed",
     "read_results",
     "run_script",
@@ -48,9 +47,7 @@ __all__ = [
 ]
 
 MAGIC_JOB = b"XWHEPJOB1"
-MAGIC_OUT = b"XWHEPOUT1"
-MAGIC_SEED = b"XWHEPSEED1"
-RESULT_OFFSET = 1 << 20
+_ALIGN = 1 << 20  # the result stream starts on a MiB boundary (the agent writes it in 64 KiB blocks)
 AGENT = Path(__file__).with_name("guest") / "agent.sh"
 GUEST_MAC = "52:54:00:12:34:56"
 GUEST_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -70,11 +67,6 @@ def _run(argv: list[str], what: str) -> None:
         raise GuestIOError(f"{what}: {argv[0]} is not installed") from None
     if proc.returncode != 0:
         raise GuestIOError(f"{what}: {argv[0]} failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
-
-
-def _write_magic(path: Path, magic: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.write(magic + b"\n")
 
 
 # -- job disk ------------------------------------------------------------------------------------------------------
@@ -109,11 +101,23 @@ def _stage(jobdir: Path, dest: Path) -> int:
     return total
 
 
-def make_job_disk(jobdir: Path, stdin: Path | None, image: Path, min_mb: int, workdir: Path) -> int:
-    """Make the ext4 job disk ``image`` from ``jobdir`` (as ``in/``) and ``stdin``; return its size in bytes.
+@dataclass(frozen=True)
+class JobDisk:
+    """The job disk made: its file, total size, and where the guest writes its results."""
 
-    Its size is ``min_mb`` MiB of room for the job plus the inputs (which the guest's overlay may copy once).
-    ``workdir`` holds the staged tree while ``mkfs.ext4 -d`` runs (same filesystem as ``jobdir``: hard links).
+    path: Path
+    size: int
+    result_offset: int
+
+
+def make_job_disk(jobdir: Path, stdin: Path | None, image: Path, min_mb: int, workdir: Path,
+                  content: SeedContent) -> JobDisk:
+    """Make the job disk ``image`` (see the module docstring) from ``jobdir`` (as ``in/``), ``stdin`` and the
+    job's ``content`` (as ``xw/``).
+
+    The filesystem has ``min_mb`` MiB of room for the job plus twice the inputs (the guest's overlay may copy them
+    once); the result area after it is as large (the results cannot exceed what the job could write). ``workdir``
+    holds the staged tree while ``mkfs.ext4 -d`` runs (same filesystem as ``jobdir``: hard links, no copies).
     """
     stage = workdir / "stage"
     try:
@@ -122,31 +126,29 @@ def make_job_disk(jobdir: Path, stdin: Path | None, image: Path, min_mb: int, wo
         if stdin is not None:
             _link_or_copy(stdin, stage / "stdin")
             inputs += stdin.stat().st_size
-        size = ((min_mb << 20) + 2 * inputs + (64 << 20) + (1 << 20) - 1) & ~((1 << 20) - 1)
+        fs_size = ((min_mb << 20) + 2 * inputs + (64 << 20) + _ALIGN - 1) & ~(_ALIGN - 1)
+        result_offset = fs_size + _ALIGN
+        _write_xw(stage / "xw", content, result_offset)
         with open(image, "wb") as f:
-            f.truncate(size)
+            f.truncate(result_offset + fs_size)
         # no journal: the host never reads this filesystem back, so a guest crash cannot hurt it; 256-byte inodes
-        # keep nanosecond timestamps; root_owner: the job dir's owner is set by the agent, not the worker's uid
+        # keep nanosecond timestamps; the filesystem ends where the result area begins
         _run(["mkfs.ext4", "-q", "-F", "-L", "xwjob", "-O", "^has_journal", "-I", "256", "-m", "0",
-              "-E", "root_owner=0:0,lazy_itable_init=1,nodiscard", "-d", str(stage), str(image)], "job disk")
+              "-E", "root_owner=0:0,lazy_itable_init=1,nodiscard", "-d", str(stage), str(image),
+              f"{fs_size >> 10}k"], "job disk")
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    _write_magic(image, MAGIC_JOB)
-    return size
-
-
-def make_result_disk(image: Path, size: int) -> None:
-    """An empty (sparse) result disk of ``size`` bytes past the 1 MiB header, marked ``XWHEPOUT1``."""
-    with open(image, "wb") as f:
-        f.truncate(RESULT_OFFSET + size)
-    _write_magic(image, MAGIC_OUT)
+    with open(image, "r+b") as f:
+        f.write(MAGIC_JOB + b"\n")
+    return JobDisk(image, result_offset + fs_size, result_offset)
 
 
 # -- seed ------------------------------------------------------------------------------------------------------------
 
 def run_script(argv: list[str], env: dict[str, str], script: bool) -> str:
-    """The guest's ``xw/run.sh``: the job's environment, the contextualization script (``$1/xw/script``, as the job
-    user, before the command; its failure is the job's), then ``exec`` of the command in ``/job``."""
+    """The guest's ``xw/run.sh`` (run as ``sh run.sh DIR``): the job's environment, the contextualization script
+    (``DIR/script``, as the job user, before the command; its failure is the job's), then ``exec`` of the command
+    in ``/job``."""
     for k in env:
         if not _ENV_NAME.fullmatch(k):
             raise GuestIOError(f"environment variable name {k!r} cannot be passed into a VM (letters, digits, _)")
@@ -154,19 +156,20 @@ def run_script(argv: list[str], env: dict[str, str], script: bool) -> str:
              f"export PATH={shlex.quote(GUEST_PATH)} HOME=/job USER=xwjob LOGNAME=xwjob"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     if script:
-        lines.append('sh "$1/xw/script" || exit $?')
+        lines.append('sh "$1/script" || exit $?')
     lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
     return "\n".join(lines) + "\n"
 
 
 def user_data(ssh_keys: list[str]) -> str:
     """cloud-init ``#cloud-config``: the unprivileged user ``xwjob`` (no sudo, no password, key-only ssh), and the
-    agent started from the seed by ``runcmd`` (YAML is a superset of JSON: no YAML writer needed)."""
-    find_seed = (
+    agent started from the job disk by ``runcmd`` (YAML is a superset of JSON: no YAML writer needed)."""
+    launch = (  # as guest/xwhep-agent-launch, for cloud-init images that do not have it
         "for d in /sys/block/*; do dev=/dev/${d##*/}; "
-        "if [ \"$(dd if=$dev bs=512 count=1 2>/dev/null | head -c 10)\" = XWHEPSEED1 ]; then "
-        "mkdir -p /run/xwseed && mount -o ro $dev /run/xwseed && exec sh /run/xwseed/xw/agent.sh /run/xwseed; fi; "
-        "done; echo 'xwhep-guest: error: no xwhep seed' >/dev/console"
+        "if [ \"$(dd if=$dev bs=512 count=1 2>/dev/null | head -c 9)\" = XWHEPJOB1 ]; then "
+        "mkdir -p /xw/disk && mount -t ext4 -o nodev,nosuid $dev /xw/disk && "
+        "exec sh /xw/disk/xw/agent.sh /xw/disk $dev; fi; "
+        "done; echo 'xwhep-guest: error: no xwhep job disk' >/dev/console"
     )
     user: dict[str, object] = {"name": "xwjob", "uid": 1000, "gecos": "xwhep job", "shell": "/bin/sh",
                                "lock_passwd": True}
@@ -177,7 +180,7 @@ def user_data(ssh_keys: list[str]) -> str:
         "disable_root": True,
         "ssh_pwauth": False,
         "ssh_genkeytypes": ["ed25519"],
-        "runcmd": [["sh", "-c", find_seed]],
+        "runcmd": [["sh", "-c", launch]],
     }
     return "#cloud-config\n" + json.dumps(doc, indent=1) + "\n"
 
@@ -202,32 +205,39 @@ class SeedContent:
     hostname: str = "xwjob"
 
 
+def _write_xw(d: Path, content: SeedContent, result_offset: int) -> None:
+    """The job disk's ``xw/``: the agent, ``run.sh``, ``job.env`` and the contextualization script."""
+    d.mkdir()
+    files = {
+        "run.sh": run_script(content.argv, content.env, content.script is not None),
+        "job.env": f"XW_NET={1 if content.net else 0}\nXW_OUT_OFFSET={result_offset}\n"
+                   + (f"XW_MAX_PROCS={int(content.max_procs)}\n" if content.max_procs else ""),
+    }
+    if content.script is not None:
+        files["script"] = content.script
+    for name, text in files.items():
+        (d / name).write_text(text)
+    shutil.copyfile(AGENT, d / "agent.sh")
+
+
 def make_seed(iso: Path, content: SeedContent, workdir: Path) -> None:
-    """Write the NoCloud seed ISO ``iso`` (see the module docstring); ``workdir`` holds its tree meanwhile."""
+    """Write the NoCloud seed ISO ``iso`` for cloud-init images; ``workdir`` holds its tree meanwhile."""
     root = workdir / "seed"
     try:
-        (root / "xw").mkdir(parents=True)
+        root.mkdir()
         files = {
             "meta-data": f"instance-id: xw-{uuid.uuid4().hex}\nlocal-hostname: {content.hostname}\n",
             "user-data": user_data(content.ssh_keys),
-            "xw/run.sh": run_script(content.argv, content.env, content.script is not None),
-            "xw/job.env": f"XW_NET={1 if content.net else 0}\n"
-                          + (f"XW_MAX_PROCS={int(content.max_procs)}\n" if content.max_procs else ""),
         }
         if content.net:
             files["network-config"] = _network_config()
-        if content.script is not None:
-            files["xw/script"] = content.script
         for name, text in files.items():
             (root / name).write_text(text)
-        shutil.copyfile(AGENT, root / "xw" / "agent.sh")
-        for p in root.rglob("*"):
-            p.chmod(0o755 if p.is_dir() else 0o644)
+            (root / name).chmod(0o644)
         _run(["genisoimage", "-quiet", "-output", str(iso), "-volid", "cidata", "-joliet", "-rock", str(root)],
              "seed")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    _write_magic(iso, MAGIC_SEED)
 
 
 # -- results ---------------------------------------------------------------------------------------------------------
@@ -357,19 +367,20 @@ def _write_job_file(tf: tarfile.TarFile, m: tarfile.TarInfo, rest: list[str], ro
     res.files.append(rel)
 
 
-def read_results(disk: Path, jobdir: Path, stdout: Path, stderr: Path) -> GuestResult:
-    """Read the tar stream the guest wrote on ``disk``: files of ``job/`` into ``jobdir`` (only regular files,
-    links between them as copies), the job's streams into ``stdout``/``stderr``; see :class:`GuestResult`.
+def read_results(disk: Path, offset: int, jobdir: Path, stdout: Path, stderr: Path) -> GuestResult:
+    """Read the tar stream the guest wrote on ``disk`` at ``offset``: files of ``job/`` into ``jobdir`` (only
+    regular files, links between them as copies), the job's streams into ``stdout``/``stderr``; see
+    :class:`GuestResult`.
 
     Members with unsafe names, links to anywhere, devices and whiteouts are skipped. Raises
     :class:`GuestIOError` only when ``jobdir`` itself cannot be written.
     """
     res = GuestResult()
     with open(disk, "rb") as f:
-        f.seek(RESULT_OFFSET)
+        f.seek(offset)
         if not f.read(512).strip(b"\0"):
             return res  # the guest wrote nothing
-        f.seek(RESULT_OFFSET)
+        f.seek(offset)
         res.written = True
         root_fd = os.open(jobdir, os.O_RDONLY | os.O_DIRECTORY)
         written: set[str] = set()  # job files written so far (targets of hard links)

@@ -12,7 +12,8 @@ Images are cached under :func:`cache_dir`, in a directory named after a key of t
 apt would install (and of the builder's own files), so a new kernel or a changed init means a new image and an
 unchanged setup is never rebuilt. Each image directory holds a ``manifest.json`` (:class:`VmImage`) written last:
 a directory without one is an interrupted build and is made again. Builds take a lock, so concurrent builders
-(test sessions, workers) wait for each other instead of building twice.
+(test sessions, workers) wait for each other instead of building twice; a new build removes the images of the
+same kind it replaces.
 """
 
 from __future__ import annotations
@@ -162,6 +163,10 @@ def _finish(tmp: Path, final: Path, image: VmImage) -> VmImage:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    # the images this one replaces (older package versions): a VM still running one keeps its open files
+    for old in final.parent.glob(f"{image.kind}-*"):
+        if old != final and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
     return VmImage.load(final)
 
 
@@ -275,7 +280,7 @@ def build_debian(cache: Path | None = None, force: bool = False) -> VmImage:
     hook = GUEST / "debian-customize.sh"
     key = hashlib.sha256((json.dumps(versions, sort_keys=True) + " ".join(DEBIAN_PACKAGES) + " ".join(_mirrors())
                           + _files_digest(hook, GUEST / "init", GUEST / "xwhep-agent.service",
-                                          GUEST / "xwhep-seed-agent")).encode()).hexdigest()[:16]
+                                          GUEST / "xwhep-agent-launch")).encode()).hexdigest()[:16]
     final = cache / f"debian-{key}"
     with _locked(cache, "debian"):
         if (final / "manifest.json").is_file() and not force:

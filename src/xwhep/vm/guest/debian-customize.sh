@@ -28,7 +28,7 @@ done
 # the guest agent: started by a unit once cloud-init's init stage is done; the config and final stages are masked
 here=$(dirname "$0")
 install -m 0644 "$here/xwhep-agent.service" "$R/etc/systemd/system/xwhep-agent.service"
-install -m 0755 "$here/xwhep-seed-agent" "$R/usr/local/sbin/xwhep-seed-agent"
+install -m 0755 "$here/xwhep-agent-launch" "$R/usr/local/sbin/xwhep-agent-launch"
 ln -sf /etc/systemd/system/xwhep-agent.service "$R/etc/systemd/system/multi-user.target.wants/xwhep-agent.service"
 for unit in cloud-config.service cloud-final.service; do
     ln -sf /dev/null "$R/etc/systemd/system/$unit"

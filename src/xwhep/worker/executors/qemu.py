@@ -2,9 +2,10 @@
 
 What a run is (see :mod:`xwhep.vm` for the guest's side):
 
-1. *Prepare* (in a private run dir beside the job dir, ``.xwvm-*``): the job disk from the job dir and stdin, an
-   empty result disk, the NoCloud seed (command, environment, contextualization), and a copy-on-write overlay of
-   the template disk, if any (``qemu-img create -b``, run in the sandbox below: the template is read only there).
+1. *Prepare* (in a private run dir beside the job dir, ``.xwvm-*``): the job disk from the job dir, stdin and the
+   job's command, environment and contextualization (its result area past the filesystem), and for a template
+   disk a copy-on-write overlay of it (``qemu-img create -b``, run in the sandbox below: the template is read
+   only there) and the NoCloud seed its cloud-init reads.
 2. *Boot* QEMU in a bubblewrap sandbox that sees ``/usr`` read-only, the kernel/initrd/template read-only, the run
    dir, the tunnel socket dir if any, and nothing else of the host (no other job, no worker file, no ``/etc``);
    all namespaces unshared, so its network namespace holds only ``lo``; inside its own cgroup (memory = VM memory
@@ -13,10 +14,10 @@ What a run is (see :mod:`xwhep.vm` for the guest's side):
    listen ports: QEMU user networking with ``restrict=on`` (the guest reaches nothing, not even the host) and one
    ``hostfwd`` per port, bound on the sandbox's own loopback, where the tunnel forwarder
    (:mod:`xwhep.worker.xwfwd`, run in the sandbox as QEMU's parent) connects when a stream arrives.
-3. *Collect*: after a clean power-off, the result disk's tar stream is read (:func:`xwhep.vm.guestio.read_results`):
+3. *Collect*: after a clean power-off, the job disk's result stream is read (:func:`xwhep.vm.guestio.read_results`):
    new and changed files into the job dir, the guest's stdout/stderr into the log dir, its exit code; the worker
    then packs them like a native job's.
-4. *Clean*: the run dir (overlay, disks, seed) and the cgroup are removed whatever happened: nothing is left.
+4. *Clean*: the run dir (overlay, job disk, seed) and the cgroup are removed whatever happened: nothing is left.
 
 Outcomes: the guest's exit code → ``COMPLETED``; the wall clock (over the whole VM, boot included) → ``FAILED``;
 :meth:`QemuJob.stop` → ``ABORTED``; anything else (QEMU failed, the guest wrote no result, out of memory) →
@@ -260,7 +261,8 @@ class QemuExecutor:
         return a
 
     def _qemu_argv(self, accel: str, cpus: int, memory_mb: int, kernel: str | None, initrd: str | None,
-                   append: str, drives: list[tuple[str, str, bool]], ports: list[int], name: str | None) -> list[str]:
+                   append: str, drives: list[tuple[str, str, bool]], ports: list[int], name: str | None,
+                   rng: bool = False) -> list[str]:
         q = [self.qemu, "-name", name or "xwvm", "-nodefaults", "-no-user-config", "-display", "none",
              "-serial", "stdio", "-no-reboot", "-m", str(memory_mb), "-smp", str(cpus)]
         q += ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", f"tcg,tb-size={TCG_TB_MB}"]
@@ -273,7 +275,8 @@ class QemuExecutor:
             # host's page cache by then); the guest's flushes would only cost time
             opts = f"file={path},if=none,id=d{i},format={fmt},cache=unsafe" + (",readonly=on" if readonly else "")
             q += ["-drive", opts, "-device", f"virtio-blk-pci,drive=d{i}"]
-        q += ["-device", "virtio-rng-pci"]  # entropy for a guest's sshd host keys, without waiting
+        if rng:  # entropy for a distro guest (sshd's host keys) without waiting; a direct boot needs none
+            q += ["-device", "virtio-rng-pci"]
         if ports:
             fwd = "".join(f",hostfwd=tcp:127.0.0.1:{p}-:{p}" for p in ports)
             q += ["-netdev", f"user,id=n0,restrict=on{fwd}",
@@ -434,6 +437,7 @@ class QemuJob:
         self.limits_applied: dict[str, bool] = {}
         self.limits_notes: dict[str, str] = {}
         self.console: _Console | None = None
+        self.job_disk: guestio.JobDisk | None = None
         #: the most memory QEMU and its sandbox used at once (MiB; from the cgroup, when there is one)
         self.peak_memory_mb: int | None = None
         self._cgroup: JobCgroup | None = None
@@ -575,14 +579,15 @@ class QemuJob:
             binds["/vm/template"] = vm.disk
             self._make_overlay(vm)
             drives.append(("/vm/run/root.qcow2", "qcow2", False))
-        size = guestio.make_job_disk(spec.jobdir, spec.stdin, run / "job.raw", vm.disk_mb, run)
-        guestio.make_result_disk(run / "out.raw", size)
-        guestio.make_seed(run / "seed.iso", guestio.SeedContent(
+        content = guestio.SeedContent(
             argv=self.command, env=dict(spec.env), ssh_keys=list(vm.context.ssh_authorized_keys),
             script=vm.context.script, net=bool(self.ports), max_procs=spec.max_procs,
-            hostname=vm.context.hostname), run)
-        drives += [("/vm/run/job.raw", "raw", False), ("/vm/run/out.raw", "raw", False),
-                   ("/vm/run/seed.iso", "raw", True)]
+            hostname=vm.context.hostname)
+        self.job_disk = guestio.make_job_disk(spec.jobdir, spec.stdin, run / "job.raw", vm.disk_mb, run, content)
+        drives.append(("/vm/run/job.raw", "raw", False))
+        if vm.disk is not None:  # a distro image: cloud-init reads its NoCloud seed (direct boots need none)
+            guestio.make_seed(run / "seed.iso", content, run)
+            drives.append(("/vm/run/seed.iso", "raw", True))
         return drives, binds
 
     def _sandboxed(self, argv: list[str], binds: dict[str, Path], what: str) -> str:
@@ -613,7 +618,7 @@ class QemuJob:
         append = " ".join(x for x in ("console=ttyS0 panic=-1", vm.append) if x) if vm.kernel else ""
         qemu = ex._qemu_argv(self.accel, vm.cpus, vm.memory_mb, "/vm/kernel" if vm.kernel else None,
                              "/vm/initrd" if vm.initrd else None, append, drives, self.ports,
-                             f"xwjob-{spec.jobdir.parent.name}"[:60])
+                             f"xwjob-{spec.jobdir.parent.name}"[:60], rng=vm.disk is not None)
         if self.ports:
             qemu = ["/usr/bin/python3", "-I", "-S", "/xw/xwfwd.py", "--sockets", SOCKETS_MOUNT, "--listen",
                     ",".join(map(str, self.ports)), "--", *qemu]
@@ -690,7 +695,9 @@ class QemuJob:
         assert self.console is not None
         spec = self.spec
         try:
-            res = guestio.read_results(self.run_dir / "out.raw", spec.jobdir, spec.stdout_path, spec.stderr_path)
+            assert self.job_disk is not None
+            res = guestio.read_results(self.job_disk.path, self.job_disk.result_offset, spec.jobdir,
+                                       spec.stdout_path, spec.stderr_path)
         except guestio.GuestIOError as e:
             return self._make("ERROR", None, f"cannot read the VM's results: {e}", wall)
         finally:

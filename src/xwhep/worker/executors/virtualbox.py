@@ -9,16 +9,17 @@ the manual does not describe and plays the part of the hypervisor's state; nothi
 
 A run, with the guest protocol of :mod:`xwhep.vm` (the same agent, disks and seed as under QEMU):
 
-1. the job disk and the result disk are made raw (:mod:`xwhep.vm.guestio`) and converted to VDI
-   (``convertfromraw``); the seed ISO goes in a DVD drive;
+1. the job disk is made raw (:mod:`xwhep.vm.guestio`) and converted to VDI (``convertfromraw``); the NoCloud seed
+   ISO goes in a DVD drive;
 2. ``createvm --register`` in a private run dir beside the job dir; ``modifyvm`` (memory, CPUs, boot from disk,
    no audio, no USB, the serial console to a file, no NIC — or NAT with only the job's port forwards, see below);
    a SATA controller (``storagectl``) with the template disk attached as ``multiattach`` (VirtualBox puts a
-   differencing image in front of it: the template is never written), the job and result disks, the seed;
+   differencing image in front of it: the template is never written), the job disk, the seed;
 3. ``startvm --type headless``; ``showvminfo --machinereadable`` is polled for ``VMState`` (VBoxManage has no
    blocking wait without Guest Additions); the wall clock and :meth:`VirtualBoxJob.stop` end it with
    ``controlvm poweroff``;
-4. after a clean power-off, ``clonemedium --format RAW`` of the result disk, read like QEMU's;
+4. after a clean power-off, ``clonemedium --format RAW`` of the job disk, whose result stream is read as under
+   QEMU;
 5. ``unregistervm --delete`` (the VM, its differencing image, its disks) and the run dir removed.
 
 Differences from QEMU, by VirtualBox's design: no direct kernel boot (the template must be a bootable VDI, VMDK or
@@ -280,15 +281,14 @@ class VirtualBoxJob:
     def _lifecycle(self) -> JobOutcome:
         ex, spec, vm, run = self._ex, self.spec, self.vm, self.run_dir
         template = ex.template(vm)
-        size = guestio.make_job_disk(spec.jobdir, spec.stdin, run / "job.raw", vm.disk_mb, run)
-        guestio.make_result_disk(run / "out.raw", size)
-        guestio.make_seed(run / "seed.iso", guestio.SeedContent(
+        content = guestio.SeedContent(
             argv=self.command, env=dict(spec.env), ssh_keys=list(vm.context.ssh_authorized_keys),
             script=vm.context.script, net=bool(self.ports), max_procs=spec.max_procs,
-            hostname=vm.context.hostname), run)
-        for name in ("job", "out"):
-            ex.vbox("convertfromraw", str(run / f"{name}.raw"), str(run / f"{name}.vdi"), "--format", "VDI")
-            (run / f"{name}.raw").unlink()
+            hostname=vm.context.hostname)
+        disk = guestio.make_job_disk(spec.jobdir, spec.stdin, run / "job.raw", vm.disk_mb, run, content)
+        guestio.make_seed(run / "seed.iso", content, run)
+        ex.vbox("convertfromraw", str(disk.path), str(run / "job.vdi"), "--format", "VDI")
+        disk.path.unlink()
         if self._stop_reason is not None:
             return self._make("ABORTED", None, self._stop_reason, 0.0)
         out = ex.vbox("createvm", "--name", self.name, "--ostype", "Linux_64", "--basefolder", str(run),
@@ -309,12 +309,11 @@ class VirtualBoxJob:
             modify += ["--nic1", "none"]
         ex.vbox(*modify)
         ex.vbox("storagectl", self.name, "--name", CONTROLLER, "--add", "sata", "--controller", "IntelAhci",
-                "--portcount", "4", "--bootable", "on")
+                "--portcount", "3", "--bootable", "on")
         attach = ["storageattach", self.name, "--storagectl", CONTROLLER, "--device", "0"]
         ex.vbox(*attach, "--port", "0", "--type", "hdd", "--medium", str(template), "--mtype", "multiattach")
         ex.vbox(*attach, "--port", "1", "--type", "hdd", "--medium", str(run / "job.vdi"))
-        ex.vbox(*attach, "--port", "2", "--type", "hdd", "--medium", str(run / "out.vdi"))
-        ex.vbox(*attach, "--port", "3", "--type", "dvddrive", "--medium", str(run / "seed.iso"))
+        ex.vbox(*attach, "--port", "2", "--type", "dvddrive", "--medium", str(run / "seed.iso"))
         if self._stop_reason is not None:
             return self._make("ABORTED", None, self._stop_reason, 0.0)
         ex.vbox("startvm", self.name, "--type", "headless")
@@ -329,8 +328,9 @@ class VirtualBoxJob:
         if state != "poweroff":
             return self._make("ERROR", None, f"the VM ended in state {state}; console: {self._console_tail()}",
                               wall)
-        ex.vbox("clonemedium", "disk", str(run / "out.vdi"), str(run / "out-read.raw"), "--format", "RAW")
-        res = guestio.read_results(run / "out-read.raw", spec.jobdir, spec.stdout_path, spec.stderr_path)
+        ex.vbox("clonemedium", "disk", str(run / "job.vdi"), str(run / "job-read.raw"), "--format", "RAW")
+        res = guestio.read_results(run / "job-read.raw", disk.result_offset, spec.jobdir, spec.stdout_path,
+                                   spec.stderr_path)
         self.timings["collected"] = round(time.monotonic() - self._t0, 3)
         if not res.written:
             return self._make("ERROR", None, f"the VM powered off without results; console: {self._console_tail()}",
