@@ -146,7 +146,7 @@ def _debian_ssh_ready(res: Result, ex: QemuExecutor, work: Path) -> float:
         job_start = job.wait_for("job-start", 600)
         if job_start is None:
             raise RuntimeError("the Debian VM never started its job")
-        ready = None
+        ready: float | None = None
         while ready is None and time.perf_counter() - t0 < 900:
             conn, _ = listener.accept()  # the forwarder's idle connection
             with conn:
@@ -168,7 +168,7 @@ def _debian_ssh_ready(res: Result, ex: QemuExecutor, work: Path) -> float:
         job.wait(120)
         listener.close()
         shutil.rmtree(sockdir, ignore_errors=True)
-    return rnd(ready, 1)
+    return round(ready, 1)
 
 
 def _busybox_rootfs(work: Path) -> Path:

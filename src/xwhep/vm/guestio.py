@@ -30,7 +30,7 @@ import tarfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 __all__ = [
     "AGENT",
@@ -284,7 +284,7 @@ def _open_dir(root_fd: int, parts: list[str]) -> int:
     return fd
 
 
-def _write_member(src: BinaryIO, dir_fd: int, name: str, mode: int, mtime: float) -> None:
+def _write_member(src: IO[bytes], dir_fd: int, name: str, mode: int, mtime: float) -> None:
     tmp = f".xw-{uuid.uuid4().hex}.part"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
     try:
@@ -299,7 +299,7 @@ def _write_member(src: BinaryIO, dir_fd: int, name: str, mode: int, mtime: float
         raise
 
 
-def _read_text(src: BinaryIO | None) -> str:
+def _read_text(src: IO[bytes] | None) -> str:
     if src is None:
         return ""
     return src.read(_MAX_TEXT).decode(errors="replace").strip()
@@ -330,7 +330,7 @@ def _read_log(tf: tarfile.TarFile, m: tarfile.TarInfo, name: str, res: GuestResu
 def _write_job_file(tf: tarfile.TarFile, m: tarfile.TarInfo, rest: list[str], root_fd: int, written: set[str],
                     res: GuestResult) -> None:
     rel = "/".join(rest)
-    src: BinaryIO | None
+    src: IO[bytes] | None
     if m.islnk():  # a hard link to a file written before: written again under this name
         origin = _parts(m.linkname)
         if origin is None or origin[0] != "job" or "/".join(origin[1:]) not in written:

@@ -65,11 +65,11 @@ mkdir -p /tmp
 [ -n "${XW_OUT_OFFSET:-}" ] || fail "bad job disk: no result offset"
 id xwjob >/dev/null 2>&1 || fail "no user xwjob in this image"
 
-chmod 0700 "$DISK" # root only: the job reaches its files through /job, never stdin, xw/ or the logs
-rm -rf "$DISK/job" "$DISK/work" "$DISK/log"
+# the disk is fresh (made by the worker for this run): nothing to clear. Its root becomes root's only: the job
+# reaches its files through /job, never stdin, xw/ or the logs
+chmod 0700 "$DISK"
 mkdir -p "$DISK/in" "$DISK/job" "$DISK/work" "$DISK/log" /job /run/xw || fail "cannot prepare the job disk"
 chown -R xwjob: "$DISK/in" "$DISK/job" || fail "cannot give the job dir to xwjob"
-chmod 0755 "$DISK/job"
 mount -t overlay overlay -o "nodev,nosuid,lowerdir=$DISK/in,upperdir=$DISK/job,workdir=$DISK/work" /job ||
     fail "cannot mount the job dir (overlay)"
 # what the job user runs must be readable by it (the disk's root is not)

@@ -323,9 +323,9 @@ class QemuExecutor:
             raise ExecutorError(f"VM memory {vm.memory_mb} MiB is more than a job may use here ({spec.memory_mb})")
         if vm.disk_mb < 1:
             raise ExecutorError("VM disk size must be positive")
-        for p in ports:
-            if not 1 <= p <= 65535:
-                raise ExecutorError(f"bad listen port {p}")
+        for port in ports:
+            if not 1 <= port <= 65535:
+                raise ExecutorError(f"bad listen port {port}")
         if ports and spec.unix_socket_dir is None:
             raise ExecutorError("listen ports need the tunnel socket dir (JobSpec.unix_socket_dir)")
         if spec.unix_socket_dir is not None and not spec.unix_socket_dir.is_dir():
