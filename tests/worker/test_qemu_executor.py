@@ -109,9 +109,14 @@ def test_a_vm_job_gets_its_inputs_and_returns_its_results(qemu: QemuExecutor, mi
 
 def test_a_non_zero_exit_is_completed_with_its_code(qemu: QemuExecutor, minimal_image: VmImage,
                                                     root: Path) -> None:
-    out = qemu.start(spec_for(root, minimal_image, ["sh", "-c", "echo partial > part.txt; exit 42"])).wait(180)
+    # ten background sleeps under a limit of five processes: some cannot even start (in a subshell: the shell's
+    # fork failure is fatal); those that did do not keep the VM up after the job's end
+    script = "(for i in 1 2 3 4 5 6 7 8 9 10; do sleep 300 & done); echo partial > part.txt; exit 42"
+    out = qemu.start(spec_for(root, minimal_image, ["sh", "-c", script], max_procs=5)).wait(180)
     assert (out.status, out.return_code) == ("COMPLETED", 42), out.reason
     assert (root / "job" / "part.txt").read_text() == "partial\n"
+    assert "can't fork" in (root / "log" / "stderr.txt").read_text()
+    assert out.limits_applied["procs"] and out.wall_s < 120
 
 
 def test_the_wall_clock_covers_the_whole_vm_and_leaves_nothing(qemu: QemuExecutor, minimal_image: VmImage,
@@ -130,7 +135,12 @@ def test_stop_kills_the_confined_vm_and_leaves_nothing(qemu: QemuExecutor, minim
                                                        root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     other_job = tmp_path_factory.mktemp("other-job")
     (other_job / "secret.txt").write_text("another job's file")
-    running = qemu.start(spec_for(root, minimal_image, ["sleep", "600"], wallclock=300))
+    # a template disk too (the guest boots by kernel and ignores it): its overlay must go as well
+    template = tmp_path_factory.mktemp("template") / "template.raw"
+    template.write_bytes(b"\0" * (1 << 20))
+    vm = VmSpec(kernel=minimal_image.kernel, initrd=minimal_image.initrd, append="quiet", disk=template,
+                disk_format="raw")
+    running = qemu.start(spec_for(root, minimal_image, ["sleep", "600"], wallclock=300, vm=vm))
     pids: set[int] = set()
     try:
         assert running.wait_for("job-start", 60) is not None
@@ -151,7 +161,8 @@ def inspect_confinement(running: QemuJob, root: Path, other_job: Path) -> None:
     seen = sorted(os.listdir(f"/proc/{vm.pid}/root"))
     assert set(seen) <= {"bin", "dev", "etc", "lib", "lib64", "proc", "sbin", "tmp", "usr", "vm"}, seen
     assert os.listdir(f"/proc/{vm.pid}/root/etc") == ["ld.so.cache"]
-    assert sorted(os.listdir(f"/proc/{vm.pid}/root/vm")) == ["initrd", "kernel", "run"]
+    assert sorted(os.listdir(f"/proc/{vm.pid}/root/vm")) == ["initrd", "kernel", "run", "template"]
+    assert sorted(os.listdir(running.run_dir)) == ["job.raw", "root.qcow2", "seed.iso"]
     assert not os.path.exists(f"/proc/{vm.pid}/root{other_job}")
     assert not os.path.exists(f"/proc/{vm.pid}/root{root / 'job'}")
     assert not os.path.exists(f"/proc/{vm.pid}/root{Path.home()}")

@@ -258,6 +258,11 @@ class GuestResult:
     files: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
+    def skip(self, why: str) -> None:
+        """Note a refused member (the first hundred: a stream of whiteouts must not fill the worker's memory)."""
+        if len(self.skipped) < 100:
+            self.skipped.append(why)
+
 
 def _parts(name: str) -> list[str] | None:
     parts = [p for p in name.split("/") if p not in ("", ".")]
@@ -334,7 +339,7 @@ def _write_job_file(tf: tarfile.TarFile, m: tarfile.TarInfo, rest: list[str], ro
     if m.islnk():  # a hard link to a file written before: written again under this name
         origin = _parts(m.linkname)
         if origin is None or origin[0] != "job" or "/".join(origin[1:]) not in written:
-            res.skipped.append(f"{rel}: hard link to a file not returned")
+            res.skip(f"{rel}: hard link to a file not returned")
             return
         ofd = _open_dir(root_fd, origin[1:-1])
         try:
@@ -344,19 +349,19 @@ def _write_job_file(tf: tarfile.TarFile, m: tarfile.TarInfo, rest: list[str], ro
     elif m.isfile():
         src = tf.extractfile(m)
     else:
-        res.skipped.append(f"{rel}: not a regular file")  # symbolic links, devices, overlay whiteouts
+        res.skip(f"{rel}: not a regular file")  # symbolic links, devices, overlay whiteouts
         return
     assert src is not None
     try:
         dfd = _open_dir(root_fd, rest[:-1])
     except OSError as e:
         src.close()
-        res.skipped.append(f"{rel}: {e.strerror}")
+        res.skip(f"{rel}: {e.strerror}")
         return
     try:
         _write_member(src, dfd, rest[-1], m.mode, m.mtime)
     except IsADirectoryError:
-        res.skipped.append(f"{rel}: a directory of the job dir has that name")
+        res.skip(f"{rel}: a directory of the job dir has that name")
         return
     except OSError as e:
         raise GuestIOError(f"cannot write {rel} into the job dir: {e.strerror}") from e
@@ -388,11 +393,11 @@ def read_results(disk: Path, offset: int, jobdir: Path, stdout: Path, stderr: Pa
             with tarfile.open(fileobj=f, mode="r|") as tf:
                 for m in tf:
                     if res.complete:
-                        res.skipped.append(f"{m.name}: after log/end")
+                        res.skip(f"{m.name}: after log/end")
                         continue
                     parts = _parts(m.name)
                     if parts is None:
-                        res.skipped.append(f"{m.name}: unsafe name")
+                        res.skip(f"{m.name}: unsafe name")
                         continue
                     top, rest = parts[0], parts[1:]
                     if top == "log" and len(rest) == 1:
@@ -400,7 +405,7 @@ def read_results(disk: Path, offset: int, jobdir: Path, stdout: Path, stderr: Pa
                     elif top == "job" and rest and not m.isdir():
                         _write_job_file(tf, m, rest, root_fd, written, res)
         except (tarfile.TarError, EOFError) as e:
-            res.skipped.append(f"the result stream is damaged: {e}")
+            res.skip(f"the result stream is damaged: {e}")
         finally:
             os.close(root_fd)
     return res
