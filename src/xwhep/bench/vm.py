@@ -44,7 +44,7 @@ def run(settings: Settings) -> Result:
             res.skip(["vm_overhead_ratio", "vm_job_start_s", "vm_bare_boot_s", "debian_ssh_ready_s"],
                      f"failed: {type(exc).__name__}: {str(exc)[:300]}")
         try:
-            _container(res, work, 3 if settings.smoke else 10)
+            _container(res, work, 3 if settings.smoke else 20)
         except Exception as exc:
             res.skip(["container_overhead_ratio"], f"failed: {type(exc).__name__}: {str(exc)[:300]}")
     return res
