@@ -1,8 +1,8 @@
 """``xw bench``: the numbers that steer xwhep's design, measured against real server processes.
 
 One module per benchmark (:mod:`.throughput`, :mod:`.dispatch`, :mod:`.scale`, :mod:`.transfer`,
-:mod:`.relay`, :mod:`.sandbox`, :mod:`.observe`), lightweight simulated workers speaking the real HTTP protocol
-(:mod:`.simworker`), and a runner (:mod:`.runner`) that prints a table and writes ``latest.json``,
+:mod:`.relay`, :mod:`.sandbox`, :mod:`.observe`, :mod:`.vm`), lightweight simulated workers speaking the real
+HTTP protocol (:mod:`.simworker`), and a runner (:mod:`.runner`) that prints a table and writes ``latest.json``,
 ``latest.md`` and ``latest.png`` into ``--out DIR``. Run it with ``xw bench`` or ``python -m xwhep.bench``;
 ``--smoke`` runs everything small in seconds (the test suite does, so the benchmarks never rot).
 
@@ -27,7 +27,12 @@ KEYS: tuple[str, ...] = (
     "relay_connect_p50_ms",
     "sandbox_overhead_ms",
     "observe_cost_pct",
+    "vm_overhead_ratio",
+    "vm_job_start_s",
+    "vm_bare_boot_s",
+    "container_overhead_ratio",
+    "debian_ssh_ready_s",
 )
 
 #: The benchmarks, in the order the runner runs them.
-BENCHMARKS: tuple[str, ...] = ("throughput", "dispatch", "scale", "transfer", "relay", "sandbox", "observe")
+BENCHMARKS: tuple[str, ...] = ("throughput", "dispatch", "scale", "transfer", "relay", "sandbox", "observe", "vm")

@@ -26,6 +26,11 @@ TARGETS: dict[str, tuple[str, float | None, str, str]] = {
     "relay_connect_p50_ms": ("<=", 5, "ms", "connect latency the relay adds, p50"),
     "sandbox_overhead_ms": ("<=", 10, "ms", "native sandbox start over bare exec"),
     "observe_cost_pct": ("<=", 5, "%", "throughput cost of a live event stream + 1 scrape/s"),
+    "vm_overhead_ratio": ("<=", 1.2, "×", "minimal VM job, start to result, over a bare QEMU boot"),
+    "vm_job_start_s": ("<=", None, "s", "minimal VM job: QEMU start to the job's start"),
+    "vm_bare_boot_s": ("<=", None, "s", "bare QEMU: same kernel + initramfs, boot and power-off"),
+    "container_overhead_ratio": ("<=", 1.2, "×", "container job over podman run directly"),
+    "debian_ssh_ready_s": ("<=", None, "s", "Debian cloud-init VM: QEMU start to sshd answering"),
 }
 
 

@@ -28,6 +28,7 @@ OWNS: dict[str, list[str]] = {
     "relay": ["relay_ratio_vs_ssh", "relay_connect_p50_ms"],
     "sandbox": ["sandbox_overhead_ms"],
     "observe": ["observe_cost_pct"],
+    "vm": ["vm_overhead_ratio", "vm_job_start_s", "vm_bare_boot_s", "container_overhead_ratio", "debian_ssh_ready_s"],
 }
 
 
@@ -74,12 +75,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def _runners(settings: Settings, pg: Postgres) -> dict[str, Callable[[], Result]]:
-    from xwhep.bench import dispatch, observe, relay, sandbox, scale, throughput, transfer
+    from xwhep.bench import dispatch, observe, relay, sandbox, scale, throughput, transfer, vm
 
     return {"throughput": lambda: throughput.run(settings, pg), "dispatch": lambda: dispatch.run(settings),
             "scale": lambda: scale.run(settings), "transfer": lambda: transfer.run(settings),
             "relay": lambda: relay.run(settings), "sandbox": lambda: sandbox.run(settings),
-            "observe": lambda: observe.run(settings)}
+            "observe": lambda: observe.run(settings),
+            "vm": lambda: vm.run(settings)}
 
 
 def run(settings: Settings, only: list[str] | None, out: Path, plot: bool = True) -> dict[str, Any]:

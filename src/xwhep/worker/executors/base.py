@@ -16,13 +16,72 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
-__all__ = ["Executor", "ExecutorError", "JobOutcome", "JobSpec", "OutcomeStatus", "RunningJob"]
+__all__ = ["ContainerSpec", "Executor", "ExecutorError", "JobOutcome", "JobSpec", "OutcomeStatus", "RunningJob",
+           "VmContext", "VmSpec"]
 
 OutcomeStatus = Literal["COMPLETED", "FAILED", "ERROR", "ABORTED"]
 
 
 class ExecutorError(Exception):
     """The executor could not start the job at all (bad spec, missing tool)."""
+
+
+@dataclass(kw_only=True)
+class VmContext:
+    """Contextualization of a VM job: what the guest's NoCloud seed carries beyond the job itself.
+
+    ``ssh_authorized_keys`` go to the job user ``xwjob`` (ssh with a key only; images with cloud-init and sshd);
+    ``script`` is a shell script the guest runs as ``xwjob`` in ``/job`` before the command (its failure is the
+    job's exit code): e.g. to start a service on a listen port.
+    """
+
+    ssh_authorized_keys: list[str] = field(default_factory=list)
+    script: str | None = None
+    hostname: str = "xwjob"
+
+
+@dataclass(kw_only=True)
+class VmSpec:
+    """What makes a job a virtual machine job (``JobSpec.vm``); executors ``qemu`` and ``virtualbox``.
+
+    The guest boots ``kernel`` + ``initrd`` directly (``append`` is the kernel command line), or the template
+    ``disk`` through its own boot loader, or both (a root disk booted by a given kernel). ``disk`` is never
+    written: each run boots a copy-on-write overlay of it, removed afterwards. ``disk_format`` is stated, never
+    guessed (a raw disk holding a qcow2 header must not be read as qcow2); QEMU reads all four, VirtualBox all but
+    qcow2. ``memory_mb``/``cpus`` size the VM;
+    ``disk_mb`` is the room the job gets in ``/job`` beyond its inputs. ``listen_ports`` are guest TCP ports the
+    tunnel layer may connect to (through ``JobSpec.unix_socket_dir``, as for native jobs); a job argv already
+    wrapped in the tunnel forwarder (``TunnelManager.wrap``) adds its ``--listen`` ports too.
+
+    ``JobSpec.argv`` is the command run *in the guest* (in ``/job``, as the unprivileged ``xwjob``), with
+    ``JobSpec.env`` and ``JobSpec.stdin``; ``JobSpec.wallclock`` bounds the whole VM, from power-on to power-off.
+    """
+
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
+    disk: Path | None = None
+    disk_format: Literal["qcow2", "raw", "vdi", "vmdk"] = "qcow2"
+    cpus: int = 1
+    memory_mb: int = 256
+    disk_mb: int = 256
+    listen_ports: list[int] = field(default_factory=list)
+    context: VmContext = field(default_factory=VmContext)
+
+
+@dataclass(kw_only=True)
+class ContainerSpec:
+    """What makes a job a container job (``JobSpec.container``); executor ``podman``.
+
+    ``image`` is a tarball on the worker (from its blob cache): a root filesystem (``image_format="rootfs"``,
+    imported with ``podman import``) or an image archive (``"archive"``: docker-archive or oci-archive, loaded
+    with ``podman load``). ``image_sha256`` names it in the local image store (computed when not given), so an
+    image is imported once per worker. ``JobSpec.argv`` runs inside the container, in ``/job``.
+    """
+
+    image: Path
+    image_format: Literal["rootfs", "archive"] = "rootfs"
+    image_sha256: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -37,6 +96,10 @@ class JobSpec:
     Limits are optional; ``None`` means "not limited". ``cpu_quota`` counts CPUs (docker ``--cpus`` semantics:
     0.25 is a quarter of one CPU, 2.0 two full CPUs). ``max_procs`` counts the job's own processes and threads.
     ``unix_socket_dir`` (a host directory) appears as ``/xw/sockets`` inside, for tunnels to the job.
+
+    ``vm`` makes the job a virtual machine (:class:`VmSpec`), ``container`` a container (:class:`ContainerSpec`);
+    each executor refuses the kinds it does not run. Whatever the kind, the outputs end up the same way: files
+    created or changed in ``jobdir``, ``stdout.txt``/``stderr.txt`` in ``logdir``, packed by the worker alike.
     """
 
     jobdir: Path
@@ -49,6 +112,8 @@ class JobSpec:
     cpu_quota: float | None = None
     max_procs: int | None = None
     unix_socket_dir: Path | None = None
+    vm: VmSpec | None = None
+    container: ContainerSpec | None = None
 
     @property
     def stdout_path(self) -> Path:

@@ -145,6 +145,8 @@ def build_bwrap_argv(
 
 
 def _validate(spec: JobSpec) -> None:
+    if spec.vm is not None or spec.container is not None:
+        raise ExecutorError("the native executor runs neither VMs nor containers")
     if not spec.argv or not spec.argv[0]:
         raise ExecutorError("empty argv")
     if not spec.jobdir.is_dir():
