@@ -30,7 +30,7 @@ REFUSED = {
     "issue13": ISSUE_13,
     "deep_nesting": "(" * 60 + "true" + ")" * 60,
     "big_list_literal": "size([" + ",".join(["1"] * 300) + "]) > 0",
-    "huge_string_literal": 'size("' + "a" * 5000 + '") > 0',
+    "huge_string_literal": 'size("' + "a" * 2000 + '") > 0',
 }
 # accepted (the static estimate is small), but costly on these hosts: the evaluation budget stops them
 COSTLY = {
@@ -84,6 +84,14 @@ def test_issue13_costly_expression_is_refused_at_submission(world: World, name: 
         world.alice.submit("noop", **{field: REFUSED[name]})
     assert err.value.status == 400 and err.value.field == field
     assert err.value.message.startswith(f"{field}: expression too costly: "), err.value.message
+
+
+@pytest.mark.parametrize("field", ["requirements", "rank"])
+def test_expression_longer_than_the_text_bound_is_refused_naming_the_field(world: World, field: str) -> None:
+    with pytest.raises(XwError) as err:
+        world.alice.submit("noop", **{field: "true || " * 600 + "true"})
+    assert err.value.status == 400 and err.value.field == field
+    assert "4096 characters" in err.value.message, err.value.message
 
 
 def _health_while(busy: threading.Thread, srv: ServerProc, at_most: float | None = None) -> list[float]:

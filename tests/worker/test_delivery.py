@@ -187,7 +187,7 @@ def test_status_shows_each_failing_delivery_and_why(make_server: Callable[..., S
     assert time.time() - 1 <= d["next_retry"] <= time.time() + 2, d  # back-off capped at retry_max_s
     assert st["results_pending"] == 1 and st["idle_reason"].startswith("server unreachable"), st
     text = status_text(worker)
-    assert f"report of work {uid} (task {task}) failing: cannot reach server" in text, text
+    assert f"report of work {uid} (task {task}) failing: server unreachable: cannot reach server" in text, text
     assert "attempt(s), next" in text
 
     server.start()

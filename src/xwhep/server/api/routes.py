@@ -185,8 +185,14 @@ async def why(uid: UidPath, ident: Ident, st: St) -> FastJSON:
     global _why_slots
     if _why_slots is None:
         _why_slots = anyio.CapacityLimiter(2)
-    return FastJSON(await anyio.to_thread.run_sync(works.why_report, ctx, profiles, works.WHY_SECONDS,
-                                                   lambda: st.scheduler.closing, limiter=_why_slots))
+    def stop() -> bool:
+        # Called between hosts. Giving up the GIL here lets the event loop in at once: otherwise each of its
+        # system calls waits out a switch interval behind this CPU-bound thread, and /health took over a second.
+        time.sleep(0)
+        return st.scheduler.closing
+
+    return FastJSON(await anyio.to_thread.run_sync(works.why_report, ctx, profiles, works.WHY_SECONDS, stop,
+                                                   limiter=_why_slots))
 
 
 _why_slots: anyio.CapacityLimiter | None = None
